@@ -1,0 +1,1 @@
+"""Identity federation broker: provider token in, scoped short-lived AWS credentials out."""

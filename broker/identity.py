@@ -1,0 +1,79 @@
+"""Who the caller is, after a provider has verified their token.
+
+``VerifiedToken`` is what a provider hands back; only provider code may build one, after
+every check passed. ``Identity`` adds the broker's stable, private identity id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NewType
+
+# Claims that passed signature, issuer, audience and time checks (or the provider's
+# token-introspection endpoint). Nothing unverified is ever typed as this.
+VerifiedClaims = NewType("VerifiedClaims", Mapping[str, Any])
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifiedToken:
+    provider: str  # the configured provider name, e.g. "google"
+    subject: str  # the provider's stable user id ("sub", LWA user_id, Facebook id)
+    claims: VerifiedClaims
+    # The upstream token as STS must receive it. Kept out of repr so it cannot leak
+    # into logs or tracebacks by accident.
+    token: str = field(repr=False)
+    # STS ProviderId: None for OIDC ID tokens, "www.amazon.com" / "graph.facebook.com"
+    # for OAuth access tokens.
+    sts_provider_id: str | None
+    expires_at: int  # unix time the upstream token stops being valid
+
+
+@dataclass(frozen=True, kw_only=True)
+class Identity:
+    identity_id: str
+    verified: VerifiedToken
+
+    @property
+    def provider(self) -> str:
+        return self.verified.provider
+
+    @property
+    def subject(self) -> str:
+        return self.verified.subject
+
+    @property
+    def claims(self) -> VerifiedClaims:
+        return self.verified.claims
+
+
+class IdentityIds:
+    """Derives stable, private identity ids from (provider, subject).
+
+    A keyed hash (HMAC-SHA256) rather than a lookup table: every broker process and
+    node derives the same id with no shared state, and without the key nobody can map
+    an id back to a provider account or forge one for another account. Formatted like
+    Cognito's ``region:uuid`` so it drops into the same places.
+    """
+
+    def __init__(self, *, key: bytes, region: str) -> None:
+        if len(key) < 16:
+            raise ValueError("identity key must be at least 16 bytes")
+        self._key = key
+        self._region = region
+
+    def derive(self, provider: str, subject: str) -> str:
+        # Length-prefix both parts so ("ab", "c") and ("a", "bc") can never collide.
+        message = b"".join(
+            len(part).to_bytes(4, "big") + part for part in (provider.encode(), subject.encode())
+        )
+        digest = hmac.new(self._key, message, hashlib.sha256).digest()
+        return f"{self._region}:{uuid.UUID(bytes=digest[:16], version=4)}"
+
+    def identify(self, verified: VerifiedToken) -> Identity:
+        return Identity(
+            identity_id=self.derive(verified.provider, verified.subject), verified=verified
+        )

@@ -1,0 +1,814 @@
+"""Typed configuration, loaded and validated once at start-up.
+
+Sources, later wins: the TOML file, then ``BROKER_*`` environment variables
+(``BROKER_REDIS__URL=...``: double underscores separate the key path; the value is read
+as a TOML value when it parses as one, else as a plain string). Any key ``name_file``
+supplies the value of ``name`` from a file (secrets mounted by an orchestrator).
+
+Every problem is collected and reported at once, each naming its key; unknown keys are
+errors, because a misspelt key in a role rule must stop the start, not open a hole.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "BROKER_"
+CONFIG_ENV = "BROKER_CONFIG"
+
+# STS limits (AssumeRoleWithWebIdentity API reference).
+STS_MIN_DURATION = 900
+STS_MAX_DURATION = 43200
+STS_MAX_POLICY_ARNS = 10
+STS_MAX_INLINE_POLICY_CHARS = 2048
+
+ROLE_ARN_RE = re.compile(r"^arn:aws(?:-cn|-us-gov)?:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
+POLICY_ARN_RE = re.compile(r"^arn:aws(?:-cn|-us-gov)?:iam::(?:\d{12}|aws):policy/[\w+=,.@/-]+$")
+PROVIDER_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+Operator = Literal["equals", "not_equals", "contains", "starts_with", "glob", "in"]
+OPERATORS: tuple[Operator, ...] = ("equals", "not_equals", "contains", "starts_with", "glob", "in")
+ProviderType = Literal["oidc", "google", "amazon", "facebook"]
+
+GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
+GOOGLE_JWKS_URL = "https://www.googleapis.com/oauth2/v3/certs"
+GOOGLE_DISCOVERY_URL = "https://accounts.google.com/.well-known/openid-configuration"
+
+
+class ConfigError(Exception):
+    """All problems found in one load, each naming its key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration ({len(problems)} problem(s)):\n{lines}")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    public_url: str  # the broker's own external URL (OAuth redirect URIs, console Issuer)
+    max_body_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedisSettings:
+    url: str
+    key_prefix: str
+    socket_timeout_seconds: float
+    mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
+    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinel_service: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecuritySettings:
+    identity_key: bytes = field(repr=False)  # HMAC key for identity ids
+    # First key encrypts; all keys decrypt, so keys can be rotated without a flush.
+    encryption_keys: tuple[bytes, ...] = field(repr=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class STSSettings:
+    region: str
+    endpoint_url: str | None
+    timeout_seconds: float
+    max_attempts: int  # total attempts for retryable STS errors (IDPCommunicationError)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheSettings:
+    enabled: bool
+    # Cached credentials are dropped this long before they expire, so no caller is
+    # handed credentials that die a few seconds later.
+    safety_margin_seconds: int
+    lock_timeout_seconds: float  # how long a singleflight lock may be held
+    lock_wait_seconds: float  # how long a follower waits for the leader's result
+
+
+@dataclass(frozen=True, kw_only=True)
+class IdentitySettings:
+    region: str  # prefix of identity ids, like Cognito's "us-east-1:uuid"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RateLimitSettings:
+    per_ip_per_minute: int  # 0 disables
+    per_identity_per_minute: int  # 0 disables
+
+
+@dataclass(frozen=True, kw_only=True)
+class WebSettings:
+    session_cookie: str
+    cookie_secure: bool
+    session_idle_seconds: int
+    session_absolute_seconds: int
+    login_state_ttl_seconds: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsoleSettings:
+    # Overrides the partition's federation endpoint (tests and the dev stack).
+    federation_url: str | None
+    timeout_seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class OIDCProviderSettings:
+    name: str
+    type: Literal["oidc", "google"]
+    display_name: str
+    issuers: tuple[str, ...]  # accepted `iss` values, compared exactly
+    client_ids: tuple[str, ...]  # accepted `aud` values
+    discovery_url: str | None
+    jwks_url: str | None
+    algorithms: tuple[str, ...]
+    leeway_seconds: int
+    jwks_cache_seconds: int
+    jwks_refresh_cooldown_seconds: int
+    timeout_seconds: float
+    require_nonce: bool
+    # Browser flow (issue: web SSO); empty when the provider is API-only.
+    client_secret: str | None = field(default=None, repr=False)
+    scopes: tuple[str, ...] = ("openid", "email", "profile")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AmazonProviderSettings:
+    name: str
+    type: Literal["amazon"]
+    display_name: str
+    client_ids: tuple[str, ...]
+    api_url: str
+    timeout_seconds: float
+    client_secret: str | None = field(default=None, repr=False)
+    authorize_url: str = "https://www.amazon.com/ap/oa"
+    scopes: tuple[str, ...] = ("profile",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FacebookProviderSettings:
+    name: str
+    type: Literal["facebook"]
+    display_name: str
+    app_id: str
+    app_secret: str = field(repr=False)
+    graph_url: str
+    graph_version: str
+    timeout_seconds: float
+    limited_login: bool
+    limited_login_issuer: str
+    limited_login_jwks_url: str
+    limited_login_sts_ready: bool  # the operator created the IAM OIDC provider for it
+    dialog_url: str = "https://www.facebook.com/v19.0/dialog/oauth"
+    scopes: tuple[str, ...] = ("public_profile", "email")
+
+
+ProviderSettings = OIDCProviderSettings | AmazonProviderSettings | FacebookProviderSettings
+
+
+@dataclass(frozen=True, kw_only=True)
+class Condition:
+    claim: str
+    op: Operator
+    value: str | tuple[str, ...]  # a tuple only for `in`
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuleSettings:
+    name: str
+    providers: tuple[str, ...]
+    conditions: tuple[Condition, ...]
+    roles: tuple[str, ...]
+    require_email_verified: bool
+    require_mfa: bool
+    mfa_amr_values: tuple[str, ...]  # any one of these in `amr` satisfies require_mfa
+    mfa_acr_values: tuple[str, ...]  # ...or an `acr` equal to one of these
+    default_duration_seconds: int
+    max_duration_seconds: int
+    session_policy: Mapping[str, Any] | None  # a JSON policy template
+    policy_arns: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    server: ServerSettings
+    redis: RedisSettings
+    security: SecuritySettings
+    sts: STSSettings
+    cache: CacheSettings
+    identity: IdentitySettings
+    rate_limit: RateLimitSettings
+    web: WebSettings
+    console: ConsoleSettings
+    providers: Mapping[str, ProviderSettings]
+    rules: tuple[RuleSettings, ...]
+    # Digest of the effective configuration: part of credential cache keys, so a rule
+    # or policy change never serves credentials minted under the old rules.
+    config_version: str
+    source: str  # where the config came from, for messages
+
+
+# --------------------------------------------------------------------------- reading
+
+T = TypeVar("T")
+_MISSING: Any = object()
+
+
+class _Reader:
+    """Reads one table, remembering which keys were used and every problem seen."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, problems: list[str]) -> None:
+        self.data = data
+        self.path = path
+        self.problems = problems
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def problem(self, name: str, text: str) -> None:
+        self.problems.append(f"{self.key(name)}: {text}")
+
+    def raw(self, name: str) -> Any:
+        self.used.add(name)
+        return self.data.get(name, _MISSING)
+
+    def _typed(self, name: str, default: T, kinds: tuple[type, ...], what: str) -> T:
+        value = self.raw(name)
+        if value is _MISSING:
+            if default is _MISSING:
+                self.problem(name, "is required")
+                return cast(T, None)
+            return default
+        if isinstance(value, bool) and bool not in kinds:
+            self.problem(name, f"must be {what}, got {type(value).__name__}")
+            return default if default is not _MISSING else cast(T, None)
+        if not isinstance(value, kinds):
+            self.problem(name, f"must be {what}, got {type(value).__name__}")
+            return default if default is not _MISSING else cast(T, None)
+        return cast(T, value)
+
+    def str(self, name: str, default: Any = _MISSING, *, allow_empty: bool = False) -> Any:
+        value = self._typed(name, default, (str,), "a string")
+        if isinstance(value, str) and not value and not allow_empty and default is _MISSING:
+            self.problem(name, "must not be empty")
+        return value
+
+    def opt_str(self, name: str) -> str | None:
+        value = self._typed(name, None, (str,), "a string")
+        return value or None
+
+    def bool(self, name: str, default: Any = _MISSING) -> Any:
+        return self._typed(name, default, (bool,), "true or false")
+
+    def int(self, name: str, default: Any = _MISSING, *, lo: int, hi: int) -> Any:
+        value = self._typed(name, default, (int,), "an integer")
+        if isinstance(value, int) and not lo <= value <= hi:
+            self.problem(name, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def float(self, name: str, default: Any = _MISSING, *, lo: float, hi: float) -> Any:
+        value = self._typed(name, default, (int, float), "a number")
+        if isinstance(value, int | float) and not lo <= value <= hi:
+            self.problem(name, f"must be between {lo} and {hi}, got {value}")
+        return float(value) if isinstance(value, int | float) else value
+
+    def str_list(self, name: str, default: Any = _MISSING, *, nonempty: bool = False) -> Any:
+        value = self.raw(name)
+        if value is _MISSING:
+            if default is _MISSING:
+                self.problem(name, "is required")
+                return ()
+            value = default
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, str) and v for v in value
+        ):
+            self.problem(name, "must be a list of non-empty strings")
+            return ()
+        if nonempty and not value:
+            self.problem(name, "must not be empty")
+        return tuple(value)
+
+    def url(self, name: str, default: Any = _MISSING) -> Any:
+        value = self.str(name, default)
+        if isinstance(value, str) and value and not _is_http_url(value):
+            self.problem(name, f"must be an http(s) URL, got {value!r}")
+        return value
+
+    def opt_url(self, name: str) -> str | None:
+        value = self.opt_str(name)
+        if value and not _is_http_url(value):
+            self.problem(name, f"must be an http(s) URL, got {value!r}")
+        return value
+
+    def table(self, name: str) -> _Reader:
+        value = self.raw(name)
+        if value is _MISSING:
+            value = {}
+        if not isinstance(value, Mapping):
+            self.problem(name, "must be a table")
+            value = {}
+        return _Reader(value, self.key(name), self.problems)
+
+    def finish(self) -> None:
+        for name in sorted(set(self.data) - self.used):
+            self.problems.append(f"{self.key(name)}: unknown key")
+
+
+def _is_http_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in {"http", "https"} and bool(parts.netloc)
+
+
+def _secret_bytes(value: str) -> bytes:
+    """Secrets are base64 (standard or url-safe) or, failing that, raw text."""
+    text = value.strip()
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    except ValueError:
+        pass
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except ValueError:
+        return text.encode()
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_env_overrides(
+    raw: dict[str, Any], env: Mapping[str, str], problems: list[str]
+) -> dict[str, Any]:
+    merged = json.loads(json.dumps(raw))  # deep copy of plain TOML data
+    for name, text in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        if not all(path):
+            problems.append(f"{name}: malformed environment override name")
+            continue
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"{name}: {'.'.join(path)} is not a table")
+                break
+            node = child
+        else:
+            node[path[-1]] = _parse_env_value(text)
+    return merged
+
+
+def _resolve_file_secrets(node: Any, path: str, base_dir: Path, problems: list[str]) -> Any:
+    """Replace every ``x_file = "path"`` with ``x = <file contents>``."""
+    if isinstance(node, list):
+        return [
+            _resolve_file_secrets(v, f"{path}[{i}]", base_dir, problems)
+            for i, v in enumerate(node)
+        ]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        full = f"{path}.{key}" if path else key
+        if key.endswith("_file") and isinstance(value, str) and key != "session_policy_file":
+            target = key[: -len("_file")]
+            if target in node:
+                problems.append(f"{full}: set either {target} or {key}, not both")
+                continue
+            file_path = (base_dir / value).expanduser()
+            try:
+                out[target] = file_path.read_text().rstrip("\r\n")
+            except OSError as exc:
+                problems.append(f"{full}: cannot read {file_path}: {exc.strerror}")
+            continue
+        out[key] = _resolve_file_secrets(value, full, base_dir, problems)
+    return out
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _server(r: _Reader) -> ServerSettings:
+    s = ServerSettings(
+        public_url=r.url("public_url", "http://127.0.0.1:8000").rstrip("/"),
+        max_body_bytes=r.int("max_body_bytes", 64 * 1024, lo=1024, hi=10 * 1024 * 1024),
+    )
+    r.finish()
+    return s
+
+
+def _redis(r: _Reader) -> RedisSettings:
+    mode = r.str("mode", "standalone")
+    if mode not in {"standalone", "sentinel", "cluster"}:
+        r.problem("mode", "must be standalone, sentinel or cluster")
+    sentinels: list[tuple[str, int]] = []
+    for item in r.str_list("sentinels", ()):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            r.problem("sentinels", f"entries must be host:port, got {item!r}")
+        else:
+            sentinels.append((host, int(port)))
+    url = r.str("url", "redis://127.0.0.1:6379/0")
+    if isinstance(url, str) and urlsplit(url).scheme not in {"redis", "rediss", "unix"}:
+        r.problem("url", "must be a redis://, rediss:// or unix:// URL")
+    s = RedisSettings(
+        url=url,
+        key_prefix=r.str("key_prefix", "broker:"),
+        socket_timeout_seconds=r.float("socket_timeout_seconds", 2.0, lo=0.05, hi=60),
+        mode=mode,
+        sentinels=tuple(sentinels),
+        sentinel_service=r.str("sentinel_service", "", allow_empty=True),
+    )
+    if mode == "sentinel" and (not sentinels or not s.sentinel_service):
+        r.problem("mode", "sentinel mode needs sentinels and sentinel_service")
+    r.finish()
+    return s
+
+
+def _security(r: _Reader) -> SecuritySettings:
+    identity_key = r.str("identity_key")
+    keys = r.str_list("encryption_keys", nonempty=True)
+    decoded = [_secret_bytes(k) for k in keys]
+    for i, k in enumerate(decoded):
+        if len(k) != 32:
+            r.problem(
+                "encryption_keys", f"entry {i} must be 32 bytes (base64), got {len(k)} bytes"
+            )
+    id_key = _secret_bytes(identity_key) if isinstance(identity_key, str) else b""
+    if isinstance(identity_key, str) and identity_key and len(id_key) < 16:
+        r.problem("identity_key", "must be at least 16 bytes")
+    r.finish()
+    return SecuritySettings(identity_key=id_key, encryption_keys=tuple(decoded))
+
+
+def _sts(r: _Reader) -> STSSettings:
+    s = STSSettings(
+        region=r.str("region", "us-east-1"),
+        endpoint_url=r.opt_url("endpoint_url"),
+        timeout_seconds=r.float("timeout_seconds", 5.0, lo=0.1, hi=60),
+        max_attempts=r.int("max_attempts", 3, lo=1, hi=10),
+    )
+    r.finish()
+    return s
+
+
+def _cache(r: _Reader) -> CacheSettings:
+    s = CacheSettings(
+        enabled=r.bool("enabled", True),
+        safety_margin_seconds=r.int("safety_margin_seconds", 300, lo=0, hi=3600),
+        lock_timeout_seconds=r.float("lock_timeout_seconds", 15.0, lo=1, hi=120),
+        lock_wait_seconds=r.float("lock_wait_seconds", 20.0, lo=1, hi=120),
+    )
+    r.finish()
+    return s
+
+
+def _identity(r: _Reader) -> IdentitySettings:
+    s = IdentitySettings(region=r.str("region", "us-east-1"))
+    r.finish()
+    return s
+
+
+def _rate_limit(r: _Reader) -> RateLimitSettings:
+    s = RateLimitSettings(
+        per_ip_per_minute=r.int("per_ip_per_minute", 600, lo=0, hi=10**7),
+        per_identity_per_minute=r.int("per_identity_per_minute", 120, lo=0, hi=10**7),
+    )
+    r.finish()
+    return s
+
+
+def _web(r: _Reader) -> WebSettings:
+    s = WebSettings(
+        session_cookie=r.str("session_cookie", "broker_session"),
+        cookie_secure=r.bool("cookie_secure", True),
+        session_idle_seconds=r.int("session_idle_seconds", 3600, lo=60, hi=7 * 86400),
+        session_absolute_seconds=r.int("session_absolute_seconds", 43200, lo=300, hi=30 * 86400),
+        login_state_ttl_seconds=r.int("login_state_ttl_seconds", 600, lo=30, hi=3600),
+    )
+    r.finish()
+    return s
+
+
+def _console(r: _Reader) -> ConsoleSettings:
+    s = ConsoleSettings(
+        federation_url=r.opt_url("federation_url"),
+        timeout_seconds=r.float("timeout_seconds", 5.0, lo=0.1, hi=60),
+    )
+    r.finish()
+    return s
+
+
+def _oidc_provider(name: str, kind: str, r: _Reader) -> OIDCProviderSettings:
+    google = kind == "google"
+    issuer = r.opt_url("issuer")
+    issuers = r.str_list("issuers", GOOGLE_ISSUERS if google else ())
+    if issuer:
+        issuers = (issuer, *[i for i in issuers if i != issuer])
+    discovery_url = r.opt_url("discovery_url")
+    jwks_url = r.opt_url("jwks_url")
+    if google:
+        jwks_url = jwks_url or GOOGLE_JWKS_URL
+        discovery_url = discovery_url or GOOGLE_DISCOVERY_URL
+    elif not issuers:
+        r.problem("issuer", "is required for an oidc provider")
+    elif not jwks_url and not discovery_url:
+        discovery_url = issuers[0].rstrip("/") + "/.well-known/openid-configuration"
+    algorithms = r.str_list("algorithms", ("RS256",), nonempty=True)
+    for alg in algorithms:
+        # Only asymmetric algorithms: an HMAC "signature" keyed with a public key is
+        # forgeable by anyone, and "none" is no signature at all.
+        if alg not in {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384"}:
+            r.problem("algorithms", f"{alg!r} is not an allowed asymmetric algorithm")
+    s = OIDCProviderSettings(
+        name=name,
+        type="google" if google else "oidc",
+        display_name=r.str("display_name", "Google" if google else name),
+        issuers=issuers,
+        client_ids=r.str_list("client_ids", nonempty=True),
+        discovery_url=discovery_url,
+        jwks_url=jwks_url,
+        algorithms=algorithms,
+        leeway_seconds=r.int("leeway_seconds", 60, lo=0, hi=300),
+        jwks_cache_seconds=r.int("jwks_cache_seconds", 3600, lo=10, hi=86400),
+        jwks_refresh_cooldown_seconds=r.int("jwks_refresh_cooldown_seconds", 30, lo=0, hi=3600),
+        timeout_seconds=r.float("timeout_seconds", 5.0, lo=0.1, hi=60),
+        require_nonce=r.bool("require_nonce", False),
+        client_secret=r.opt_str("client_secret"),
+        scopes=r.str_list("scopes", ("openid", "email", "profile")),
+    )
+    r.finish()
+    return s
+
+
+def _amazon_provider(name: str, r: _Reader) -> AmazonProviderSettings:
+    s = AmazonProviderSettings(
+        name=name,
+        type="amazon",
+        display_name=r.str("display_name", "Login with Amazon"),
+        client_ids=r.str_list("client_ids", nonempty=True),
+        api_url=r.url("api_url", "https://api.amazon.com").rstrip("/"),
+        timeout_seconds=r.float("timeout_seconds", 5.0, lo=0.1, hi=60),
+        client_secret=r.opt_str("client_secret"),
+        authorize_url=r.url("authorize_url", "https://www.amazon.com/ap/oa"),
+        scopes=r.str_list("scopes", ("profile",)),
+    )
+    r.finish()
+    return s
+
+
+def _facebook_provider(name: str, r: _Reader) -> FacebookProviderSettings:
+    s = FacebookProviderSettings(
+        name=name,
+        type="facebook",
+        display_name=r.str("display_name", "Facebook"),
+        app_id=r.str("app_id"),
+        app_secret=r.str("app_secret"),
+        graph_url=r.url("graph_url", "https://graph.facebook.com").rstrip("/"),
+        graph_version=r.str("graph_version", "v19.0"),
+        timeout_seconds=r.float("timeout_seconds", 5.0, lo=0.1, hi=60),
+        limited_login=r.bool("limited_login", False),
+        limited_login_issuer=r.url("limited_login_issuer", "https://www.facebook.com"),
+        limited_login_jwks_url=r.url(
+            "limited_login_jwks_url",
+            "https://limited.facebook.com/.well-known/oauth/openid/jwks/",
+        ),
+        limited_login_sts_ready=r.bool("limited_login_sts_ready", False),
+        dialog_url=r.url("dialog_url", "https://www.facebook.com/v19.0/dialog/oauth"),
+        scopes=r.str_list("scopes", ("public_profile", "email")),
+    )
+    r.finish()
+    return s
+
+
+def _providers(r: _Reader) -> dict[str, ProviderSettings]:
+    out: dict[str, ProviderSettings] = {}
+    for name in r.data:
+        sub = r.table(name)
+        if not PROVIDER_NAME_RE.match(name):
+            r.problem(name, "provider names are lowercase letters, digits, - and _")
+        kind = sub.str("type", name if name in {"google", "amazon", "facebook"} else "oidc")
+        if kind in {"oidc", "google"}:
+            out[name] = _oidc_provider(name, kind, sub)
+        elif kind == "amazon":
+            out[name] = _amazon_provider(name, sub)
+        elif kind == "facebook":
+            out[name] = _facebook_provider(name, sub)
+        else:
+            sub.problem("type", "must be one of oidc, google, amazon, facebook")
+    return out
+
+
+def _session_policy(r: _Reader, base_dir: Path) -> Mapping[str, Any] | None:
+    inline = r.raw("session_policy")
+    from_file = r.raw("session_policy_file")
+    if inline is not _MISSING and from_file is not _MISSING:
+        r.problem("session_policy", "set either session_policy or session_policy_file")
+        return None
+    if from_file is not _MISSING:
+        if not isinstance(from_file, str):
+            r.problem("session_policy_file", "must be a path")
+            return None
+        try:
+            inline = (base_dir / from_file).read_text()
+        except OSError as exc:
+            r.problem("session_policy_file", f"cannot read {from_file}: {exc.strerror}")
+            return None
+    if inline is _MISSING:
+        return None
+    if isinstance(inline, str):
+        try:
+            inline = json.loads(inline)
+        except json.JSONDecodeError as exc:
+            r.problem("session_policy", f"is not valid JSON: {exc.msg} at line {exc.lineno}")
+            return None
+    if not isinstance(inline, Mapping) or "Statement" not in inline:
+        r.problem("session_policy", "must be an IAM policy object with a Statement")
+        return None
+    return cast(Mapping[str, Any], inline)
+
+
+def _condition(r: _Reader) -> Condition | None:
+    claim = r.str("claim")
+    op = r.str("op")
+    value = r.raw("value")
+    r.finish()
+    if op not in OPERATORS:
+        r.problem("op", f"must be one of {', '.join(OPERATORS)}")
+        return None
+    if op == "in":
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            r.problem("value", "must be a non-empty list of strings for op 'in'")
+            return None
+        return Condition(claim=claim, op=op, value=tuple(value))
+    if not isinstance(value, str) or not value:
+        r.problem("value", f"must be a non-empty string for op {op!r}")
+        return None
+    return Condition(claim=claim, op=op, value=value)
+
+
+def _rule(
+    i: int, raw: Any, providers: Mapping[str, ProviderSettings], problems: list[str], base: Path
+) -> RuleSettings | None:
+    if not isinstance(raw, Mapping):
+        problems.append(f"rules[{i}]: must be a table")
+        return None
+    r = _Reader(raw, f"rules[{i}]", problems)
+    before = len(problems)
+    name = r.str("name", f"rule-{i}")
+    rule_providers = r.str_list("providers", nonempty=True)
+    for p in rule_providers:
+        if p not in providers:
+            r.problem("providers", f"{p!r} is not a configured provider")
+    conditions: list[Condition] = []
+    raw_conditions = r.raw("conditions")
+    if raw_conditions is _MISSING or not isinstance(raw_conditions, list) or not raw_conditions:
+        # Vault refuses a role with no bound claims for the same reason: a rule that
+        # matches everyone who can get a token from the provider is almost never meant.
+        r.problem("conditions", "a rule needs at least one claim condition (no unbound rules)")
+    else:
+        for j, c in enumerate(raw_conditions):
+            if not isinstance(c, Mapping):
+                r.problem(f"conditions[{j}]", "must be a table")
+                continue
+            cond = _condition(_Reader(c, r.key(f"conditions[{j}]"), problems))
+            if cond:
+                conditions.append(cond)
+    roles = r.str_list("roles", nonempty=True)
+    for role in roles:
+        if not ROLE_ARN_RE.match(role):
+            r.problem("roles", f"{role!r} is not an IAM role ARN")
+    policy_arns = r.str_list("policy_arns", ())
+    for arn in policy_arns:
+        if not POLICY_ARN_RE.match(arn):
+            r.problem("policy_arns", f"{arn!r} is not an IAM policy ARN")
+    if len(policy_arns) > STS_MAX_POLICY_ARNS:
+        r.problem("policy_arns", f"STS accepts at most {STS_MAX_POLICY_ARNS} policy ARNs")
+    max_duration = r.int("max_duration_seconds", 3600, lo=STS_MIN_DURATION, hi=STS_MAX_DURATION)
+    default_duration = r.int(
+        "default_duration_seconds",
+        min(3600, max_duration) if isinstance(max_duration, int) else 3600,
+        lo=STS_MIN_DURATION,
+        hi=STS_MAX_DURATION,
+    )
+    if (
+        isinstance(default_duration, int)
+        and isinstance(max_duration, int)
+        and default_duration > max_duration
+    ):
+        r.problem("default_duration_seconds", "must not exceed max_duration_seconds")
+    rule = RuleSettings(
+        name=name,
+        providers=rule_providers,
+        conditions=tuple(conditions),
+        roles=roles,
+        require_email_verified=r.bool("require_email_verified", False),
+        require_mfa=r.bool("require_mfa", False),
+        mfa_amr_values=r.str_list("mfa_amr_values", ("mfa", "otp", "hwk", "swk")),
+        mfa_acr_values=r.str_list("mfa_acr_values", ()),
+        default_duration_seconds=default_duration,
+        max_duration_seconds=max_duration,
+        session_policy=_session_policy(r, base),
+        policy_arns=policy_arns,
+    )
+    r.finish()
+    if rule.session_policy is not None and len(problems) == before:
+        from broker.policy import check_template  # policy owns template semantics
+
+        problems.extend(f"rules[{i}].session_policy: {p}" for p in check_template(rule))
+    return rule if len(problems) == before else None
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def settings_from_mapping(
+    raw: Mapping[str, Any],
+    *,
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+    source: str = "<mapping>",
+) -> Settings:
+    problems: list[str] = []
+    base = base_dir or Path.cwd()
+    merged = apply_env_overrides(dict(raw), os.environ if env is None else env, problems)
+    merged = _resolve_file_secrets(merged, "", base, problems)
+    version = hashlib.sha256(
+        json.dumps(merged, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+
+    top = _Reader(merged, "", problems)
+    sections: dict[str, Callable[[_Reader], Any]] = {
+        "server": _server,
+        "redis": _redis,
+        "security": _security,
+        "sts": _sts,
+        "cache": _cache,
+        "identity": _identity,
+        "rate_limit": _rate_limit,
+        "web": _web,
+        "console": _console,
+    }
+    built = {name: fn(top.table(name)) for name, fn in sections.items()}
+    providers = _providers(top.table("providers"))
+    if not providers:
+        problems.append("providers: configure at least one identity provider")
+    raw_rules = top.raw("rules")
+    rules: list[RuleSettings] = []
+    if raw_rules is _MISSING or not isinstance(raw_rules, list) or not raw_rules:
+        problems.append("rules: configure at least one [[rules]] entry (deny is the default)")
+    else:
+        for i, raw_rule in enumerate(raw_rules):
+            rule = _rule(i, raw_rule, providers, problems, base)
+            if rule:
+                rules.append(rule)
+    top.finish()
+    if problems:
+        raise ConfigError(problems)
+    return Settings(
+        **built,
+        providers=providers,
+        rules=tuple(rules),
+        config_version=version,
+        source=source,
+    )
+
+
+def load_settings(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    environ = os.environ if env is None else env
+    chosen = path or environ.get(CONFIG_ENV)
+    if not chosen:
+        raise ConfigError([f"no config file: pass --config FILE or set {CONFIG_ENV}"])
+    file = Path(chosen)
+    try:
+        raw = tomllib.loads(file.read_text())
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{file}: not valid TOML: {exc}"]) from None
+    return settings_from_mapping(
+        raw, env=environ, base_dir=file.resolve().parent, source=str(file)
+    )

@@ -1,0 +1,182 @@
+"""Redis: the one place shared state lives.
+
+Every key carries the configured prefix and a TTL; secrets (credentials, upstream
+tokens, session data) are sealed with AES-256-GCM before they reach Redis, with the key
+name as associated data so a sealed value cannot be replayed under another key.
+Redis faults surface as ``DependencyUnavailable`` (503), never as a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ParamSpec, TypeVar
+
+import redis
+import redis.exceptions
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from broker.errors import DependencyUnavailable
+from broker.settings import RedisSettings
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_NONCE_BYTES = 12
+_VERSION = b"\x01"
+
+
+class Sealer:
+    """AES-256-GCM with key rotation: the first key seals, every key may open."""
+
+    def __init__(self, keys: Sequence[bytes]) -> None:
+        if not keys or any(len(k) != 32 for k in keys):
+            raise ValueError("encryption keys must be 32 bytes each")
+        self._ciphers = [AESGCM(k) for k in keys]
+
+    def seal(self, plaintext: bytes, *, context: bytes) -> bytes:
+        nonce = os.urandom(_NONCE_BYTES)
+        return _VERSION + nonce + self._ciphers[0].encrypt(nonce, plaintext, context)
+
+    def open(self, sealed: bytes, *, context: bytes) -> bytes | None:
+        """Plaintext, or None when no key opens it (tampered, or sealed with a retired key)."""
+        if len(sealed) < 1 + _NONCE_BYTES or sealed[:1] != _VERSION:
+            return None
+        nonce, body = sealed[1 : 1 + _NONCE_BYTES], sealed[1 + _NONCE_BYTES :]
+        for cipher in self._ciphers:
+            try:
+                return cipher.decrypt(nonce, body, context)
+            except InvalidTag:
+                continue
+        return None
+
+
+def _redis_guard(fn: Callable[P, R]) -> Callable[P, R]:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except redis.exceptions.RedisError as exc:
+            # Fail closed with a clear 503: without Redis we can neither deduplicate STS
+            # calls nor enforce one-time state.
+            raise DependencyUnavailable("the broker's state store (Redis) is unavailable") from exc
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def connect(settings: RedisSettings) -> redis.Redis:
+    common: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout_seconds,
+        "socket_connect_timeout": settings.socket_timeout_seconds,
+        "health_check_interval": 30,
+    }
+    if settings.mode == "sentinel":
+        from redis.sentinel import Sentinel
+
+        sentinel = Sentinel(list(settings.sentinels), **common)
+        return sentinel.master_for(settings.sentinel_service)
+    if settings.mode == "cluster":
+        from redis.cluster import RedisCluster
+
+        # RedisCluster shares the command API we use; all our multi-key operations
+        # stay within one key, so no hash tags are needed.
+        return RedisCluster.from_url(settings.url, **common)  # type: ignore[return-value]
+    return redis.Redis.from_url(settings.url, **common)
+
+
+class Store:
+    def __init__(self, *, client: redis.Redis, prefix: str, sealer: Sealer) -> None:
+        self.client = client
+        self.prefix = prefix
+        self._sealer = sealer
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    # -- plain JSON -------------------------------------------------------------------
+
+    @_redis_guard
+    def get_json(self, key: str) -> Any | None:
+        raw = self.client.get(key)
+        return None if raw is None else json.loads(raw)
+
+    @_redis_guard
+    def set_json(self, key: str, value: Any, *, ttl: float) -> None:
+        self.client.set(key, json.dumps(value, separators=(",", ":")), px=_ttl_ms(ttl))
+
+    # -- sealed JSON (secrets) ---------------------------------------------------------
+
+    def _seal(self, key: str, value: Any) -> bytes:
+        return self._sealer.seal(json.dumps(value).encode(), context=key.encode())
+
+    def _open(self, key: str, raw: bytes | None) -> Any | None:
+        if raw is None:
+            return None
+        plain = self._sealer.open(raw, context=key.encode())
+        return None if plain is None else json.loads(plain)
+
+    @_redis_guard
+    def get_sealed(self, key: str) -> Any | None:
+        return self._open(key, self.client.get(key))
+
+    @_redis_guard
+    def set_sealed(self, key: str, value: Any, *, ttl: float, only_if_new: bool = False) -> bool:
+        return bool(self.client.set(key, self._seal(key, value), px=_ttl_ms(ttl), nx=only_if_new))
+
+    @_redis_guard
+    def take_sealed(self, key: str) -> Any | None:
+        """Read and delete in one step: one-time values (OAuth state) cannot be replayed."""
+        return self._open(key, self.client.getdel(key))
+
+    # -- misc --------------------------------------------------------------------------
+
+    @_redis_guard
+    def delete(self, *keys: str) -> int:
+        return int(self.client.delete(*keys)) if keys else 0
+
+    @_redis_guard
+    def ttl_seconds(self, key: str) -> float | None:
+        ms = self.client.pttl(key)
+        return None if ms is None or int(ms) < 0 else int(ms) / 1000
+
+    @_redis_guard
+    def hit(self, key: str, *, window: float) -> int:
+        """Count one event in a fixed window; the counter key expires with the window."""
+        pipe = self.client.pipeline()
+        pipe.incr(key)
+        pipe.pexpire(key, _ttl_ms(window), nx=True)
+        count, _ = pipe.execute()
+        return int(count)
+
+    @_redis_guard
+    def ping(self) -> bool:
+        return bool(self.client.ping())
+
+    @contextmanager
+    def lock(self, name: str, *, timeout: float, wait: float) -> Iterator[bool]:
+        """A Redis lock shared by every broker process; yields whether it was acquired."""
+        lock = self.client.lock(self.key("lock", name), timeout=timeout)
+        acquired = False
+        try:
+            try:
+                acquired = bool(lock.acquire(blocking=True, blocking_timeout=wait))
+            except redis.exceptions.RedisError as exc:
+                raise DependencyUnavailable(
+                    "the broker's state store (Redis) is unavailable"
+                ) from exc
+            yield acquired
+        finally:
+            if acquired:
+                try:
+                    lock.release()
+                except redis.exceptions.LockError:
+                    pass  # expired while held: the next caller already took over
+
+
+def _ttl_ms(seconds: float) -> int:
+    # Every key expires: a TTL of zero or less would make Redis reject the SET.
+    return max(1, int(seconds * 1000))
