@@ -1,24 +1,256 @@
 """Session policy templates and STS request limits (pure functions).
 
-INTERFACE STUB: to be implemented.
+A template is a JSON policy object whose *string values* may hold placeholders::
+
+    ${identity_id}  the broker's identity id (region:uuid)
+    ${sub}          the provider's subject
+    ${provider}     the configured provider name
+    ${email}        the ``email`` claim
+    ${aud}          the ``aud`` claim (the first one when it is a list)
+    ${claim:NAME}   any string claim; NAME may be a dotted path into nested claims
+
+Substitution happens on the parsed structure, never on policy text, and the result is
+serialised once: a value stays inside the string it was put in, so no claim can add a
+statement, an action or a quote. Values are also held to a small character set (see
+``_SAFE_VALUE_RE``) so none can smuggle in a wildcard or an IAM policy variable that
+would widen the ARN or condition it lands in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from broker import errors
 from broker.identity import Identity
-from broker.settings import RuleSettings
+from broker.settings import STS_MAX_INLINE_POLICY_CHARS, RuleSettings
+
+PLACEHOLDER_RE = re.compile(r"\$\{([^{}]*)\}")
+SIMPLE_PLACEHOLDERS = ("identity_id", "sub", "provider", "email", "aud")
+CLAIM_PREFIX = "claim:"
+
+# The longest value any placeholder may receive. check_template sizes templates with
+# values this long, so a template that passes at load time cannot outgrow STS's limit
+# at request time; longer values are refused rather than trusted to fit.
+MAX_VALUE_CHARS = 64
+# What check_template substitutes to find a template's worst-case size. Identity ids
+# are "region:uuid"; us-east-1 stands for the usual region length.
+SAMPLE_IDENTITY_ID = "us-east-1:" + "0" * 36
+SAMPLE_VALUE = "x" * MAX_VALUE_CHARS
+
+# No "*" or "?" (wildcards), no "$", "{" or "}" (IAM policy variables), no "/" (a value
+# could otherwise reach into another ARN path segment), no ":" (another ARN field), no
+# quotes, spaces, control or non-ASCII characters. Plain names, emails and ids fit.
+_SAFE_VALUE_RE = re.compile(rf"[A-Za-z0-9_+=,.@-]{{1,{MAX_VALUE_CHARS}}}")
+# Identity ids are ours (region:uuid), so their ":" is known and harmless.
+_SAFE_IDENTITY_ID_RE = re.compile(rf"[A-Za-z0-9_+=,.@:-]{{1,{MAX_VALUE_CHARS}}}")
+
+SESSION_NAME_RE = re.compile(r"^[\w+=,.@-]{2,64}$", re.ASCII)  # STS RoleSessionName
+_SESSION_NAME_BAD_CHARS_RE = re.compile(r"[^\w+=,.@-]", re.ASCII)
+SESSION_NAME_MAX = 64
+_SESSION_HASH_CHARS = 10
+
+
+# --------------------------------------------------------------------------- claims
+
+
+def find_claim(claims: Mapping[str, Any], path: str) -> Any:
+    """The claim at ``path`` ("email", "address.country"), or None when it is absent.
+
+    A key that exists as written wins over a dotted walk, because namespaced claims
+    (Auth0's ``https://example.com/roles``) contain dots themselves. JSON null counts as
+    absent: a null claim proves nothing, so it must not satisfy any rule.
+    """
+    if path in claims:
+        return claims[path]
+    for i, char in enumerate(path):
+        if char != ".":
+            continue
+        child = claims.get(path[:i])
+        if isinstance(child, Mapping):
+            found = find_claim(child, path[i + 1 :])
+            if found is not None:
+                return found
+    return None
+
+
+# --------------------------------------------------------------------------- templates
+
+
+def _placeholder_problem(name: str) -> str | None:
+    if name in SIMPLE_PLACEHOLDERS:
+        return None
+    if name.startswith(CLAIM_PREFIX) and name[len(CLAIM_PREFIX) :].strip():
+        return None
+    supported = ", ".join(f"${{{n}}}" for n in (*SIMPLE_PLACEHOLDERS, "claim:NAME"))
+    # IAM's own policy variables use the same ${...} syntax; refusing them keeps every
+    # ${...} in a template under our control, so none can be resolved by AWS against
+    # values we never checked.
+    return f"unknown placeholder ${{{name}}} (supported: {supported})"
+
+
+def _string_problems(text: str) -> list[str]:
+    problems = [p for n in PLACEHOLDER_RE.findall(text) if (p := _placeholder_problem(n))]
+    if "${" in PLACEHOLDER_RE.sub("", text):
+        problems.append(f"unterminated or nested placeholder in {text!r}")
+    return problems
+
+
+def _walk_problems(node: Any, where: str, problems: list[str]) -> None:
+    def add(texts: list[str]) -> None:
+        problems.extend(f"{where or '<root>'}: {t}" for t in texts)
+
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            child = f"{where}.{key}" if where else str(key)
+            if not isinstance(key, str):
+                add([f"object key {key!r} is not a string"])
+            elif "${" in key:
+                # Keys name policy elements and condition operators: letting identity
+                # values choose them would let a claim decide what the policy says.
+                problems.append(f"{child}: placeholders are not allowed in object keys")
+            _walk_problems(value, child, problems)
+    elif isinstance(node, list | tuple):
+        for i, value in enumerate(node):
+            _walk_problems(value, f"{where}[{i}]", problems)
+    elif isinstance(node, str):
+        add(_string_problems(node))
+    elif isinstance(node, float) and not math.isfinite(node):
+        add(["NaN and infinity are not JSON"])
+    elif node is not None and not isinstance(node, bool | int | float):
+        add([f"a {type(node).__name__} is not a JSON value"])
+
+
+def _sample_value(name: str) -> str:
+    return SAMPLE_IDENTITY_ID if name == "identity_id" else SAMPLE_VALUE
 
 
 def check_template(rule: RuleSettings) -> list[str]:
-    return []
+    """Problems with ``rule``'s session policy template, found at load time."""
+    template = rule.session_policy
+    if template is None:
+        return []
+    problems: list[str] = []
+    _walk_problems(template, "", problems)
+    if problems:
+        return problems
+    size = len(_serialise(_substitute(template, lambda m: _sample_value(m.group(1)))))
+    if size > STS_MAX_INLINE_POLICY_CHARS:
+        problems.append(
+            f"with the longest allowed identity values the policy is {size} characters; "
+            f"STS accepts at most {STS_MAX_INLINE_POLICY_CHARS}"
+        )
+    return problems
+
+
+def _substitute(node: Any, replace: Callable[[re.Match[str]], str]) -> Any:
+    if isinstance(node, Mapping):
+        # Keys are copied as they are: check_template refuses placeholders in them.
+        return {key: _substitute(value, replace) for key, value in node.items()}
+    if isinstance(node, list | tuple):
+        return [_substitute(value, replace) for value in node]
+    if isinstance(node, str):
+        # re.sub does one pass over the template text, so a substituted value is never
+        # scanned again for placeholders.
+        return PLACEHOLDER_RE.sub(replace, node)
+    return node
+
+
+def _serialise(policy: Any) -> str:
+    return json.dumps(policy, separators=(",", ":"), allow_nan=False)
+
+
+def _identity_value(name: str, identity: Identity) -> str:
+    """The raw value for placeholder ``name``; AccessDenied when the identity lacks it."""
+    if name == "identity_id":
+        return identity.identity_id
+    if name == "sub":
+        return identity.subject
+    if name == "provider":
+        return identity.provider
+    if name.startswith(CLAIM_PREFIX):
+        claim = name[len(CLAIM_PREFIX) :]
+    elif name in {"email", "aud"}:
+        claim = name
+    else:
+        # check_template refuses these at load time; reaching here means it was skipped.
+        raise errors.ConfigurationError(f"the session policy uses unknown placeholder {name!r}")
+    value = find_claim(identity.claims, claim)
+    if claim == "aud" and isinstance(value, list) and value:
+        value = value[0]
+    if value is None:
+        raise errors.AccessDenied(
+            f"the session policy requires claim {claim!r}, which this identity does not have"
+        )
+    if not isinstance(value, str):
+        raise errors.AccessDenied(
+            f"the session policy requires claim {claim!r} to be a string for this identity"
+        )
+    return value
+
+
+def _checked_value(name: str, identity: Identity) -> str:
+    value = _identity_value(name, identity)
+    if name == "identity_id":
+        if not _SAFE_IDENTITY_ID_RE.fullmatch(value):
+            # The broker derives identity ids; an odd one means a bad identity.region.
+            raise errors.ConfigurationError("identity ids are unsuitable for session policies")
+        return value
+    if not _SAFE_VALUE_RE.fullmatch(value):
+        # 403 rather than 400: the caller cannot fix the request, their identity simply
+        # cannot be scoped safely. The value itself is not echoed.
+        raise errors.AccessDenied(
+            f"the identity value for ${{{name}}} is unsuitable for the session policy "
+            f"(allowed: 1 to {MAX_VALUE_CHARS} of A-Z a-z 0-9 _ + = , . @ -)"
+        )
+    return value
 
 
 def render(template: Mapping[str, Any], identity: Identity) -> str:
-    raise NotImplementedError
+    """The template filled in for ``identity`` as minified JSON, within STS's limit."""
+    policy = _substitute(template, lambda m: _checked_value(m.group(1), identity))
+    try:
+        text = _serialise(policy)
+    except (TypeError, ValueError):
+        # check_template refuses non-JSON values at load time; this is the backstop.
+        raise errors.ConfigurationError("the session policy template is not JSON") from None
+    if len(text) > STS_MAX_INLINE_POLICY_CHARS:
+        # Checked here, before any STS call, so the operator sees which limit was hit
+        # instead of an opaque PackedPolicyTooLarge from STS.
+        raise errors.ConfigurationError(
+            f"the session policy is {len(text)} characters; "
+            f"STS accepts at most {STS_MAX_INLINE_POLICY_CHARS}"
+        )
+    return text
+
+
+# --------------------------------------------------------------------------- session names
+
+
+def _email_for_session_name(identity: Identity) -> str | None:
+    email = identity.claims.get("email")
+    if not isinstance(email, str) or not email:
+        return None
+    verified = identity.claims.get("email_verified", True)
+    # The session name is what CloudTrail shows as "who": an address the provider says
+    # it has not verified could name someone else, so it is not used. Providers that
+    # send no email_verified (LWA, Facebook) only hand out addresses they verified.
+    if verified is not True and verified != "true":
+        return None
+    return email
 
 
 def session_name(identity: Identity) -> str:
-    raise NotImplementedError
+    """A RoleSessionName naming the caller in CloudTrail, always valid for STS."""
+    original = _email_for_session_name(identity) or f"{identity.provider}-{identity.subject}"
+    name = _SESSION_NAME_BAD_CHARS_RE.sub("-", original)
+    if name != original or len(name) > SESSION_NAME_MAX or len(name) < 2:
+        # Replacing characters or cutting can make two callers look alike; a digest of
+        # the full value keeps their session names apart.
+        digest = hashlib.sha256(original.encode()).hexdigest()[:_SESSION_HASH_CHARS]
+        name = f"{name[: SESSION_NAME_MAX - _SESSION_HASH_CHARS - 1]}-{digest}"
+    return name
