@@ -1,0 +1,422 @@
+"""Identity providers' public documents (JWKS, OIDC discovery): fetched, cached, kept.
+
+Two cache layers: an in-process snapshot (no I/O on the hot path) and a copy in Redis,
+so a new worker or node starts warm and one refetch serves every process. Public keys
+are not secret, so Redis holds plain JSON.
+
+Failure policy: when a refetch fails (timeout, 5xx, malformed body) the last good
+document stays in use and a warning is logged; only with no document at all does the
+error (``DependencyUnavailable`` / ``UpstreamError``) reach the caller. A failed fetch
+is not retried for ``FAILED_FETCH_BACKOFF_SECONDS``, so a sick IdP is not hammered and
+requests do not each wait out a timeout.
+
+Unknown ``kid``: the IdP may have rotated its keys, or someone is sending junk. We
+refetch, but at most once per cooldown across *all* broker processes (an ``SET NX``
+marker in Redis), so a flood of tokens with random kids cannot turn the broker into a
+DoS amplifier against the IdP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
+
+import jwt
+import redis.exceptions
+
+from broker import errors
+from broker.http import Http
+from broker.store import Store
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# After a failed fetch, how long to keep serving the last good document (or keep
+# failing fast when there is none) before trying the IdP again.
+FAILED_FETCH_BACKOFF_SECONDS = 10.0
+
+# Which key may verify which JWS algorithm (RFC 7518 section 3.1): key type and, for
+# ECDSA, the one curve the algorithm is defined on. Anything not listed, above all
+# "none" and the HS* family, is never verified: an HMAC "signature" keyed with a
+# published public key can be forged by anyone who can read the JWKS.
+KEY_TYPES: Mapping[str, tuple[str, str | None]] = {
+    "RS256": ("RSA", None),
+    "RS384": ("RSA", None),
+    "RS512": ("RSA", None),
+    "PS256": ("RSA", None),
+    "PS384": ("RSA", None),
+    "PS512": ("RSA", None),
+    "ES256": ("EC", "P-256"),
+    "ES384": ("EC", "P-384"),
+}
+ASYMMETRIC_ALGORITHMS = frozenset(KEY_TYPES)
+
+
+class MalformedDocument(ValueError):
+    """A fetched document does not have the expected shape (the reason is the message)."""
+
+
+def url_digest(url: str) -> str:
+    """A fixed-length Redis key part for a URL (URLs can be long and contain ``:``)."""
+    return hashlib.sha256(url.encode()).hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------- documents
+
+
+@dataclass(frozen=True)
+class _Snapshot(Generic[T]):
+    value: T
+    # Wall-clock time the IdP served it: compared across processes through Redis, so
+    # it cannot be a monotonic clock.
+    fetched_at: float
+    usable_until: float
+
+
+class RemoteDocument(Generic[T]):
+    """One JSON document at a URL, cached in process and in Redis, last good kept.
+
+    ``parse`` turns the JSON body into ``T`` or raises ``MalformedDocument``; a body
+    that does not parse is treated like a failed fetch. Thread-safe: readers never
+    lock (snapshots are immutable and swapped atomically); fetches are serialised, so
+    a burst of requests on a cold or expired cache makes one HTTP request per process.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        http: Http,
+        store: Store,
+        namespace: str,
+        parse: Callable[[Any], T],
+        cache_seconds: float,
+        timeout: float,
+        what: str,
+        failure_backoff_seconds: float = FAILED_FETCH_BACKOFF_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = url
+        self._http = http
+        self._store = store
+        self._redis_key = store.key(namespace, url_digest(url))
+        self._parse = parse
+        self._cache_seconds = cache_seconds
+        self._timeout = timeout
+        self._what = what
+        self._host = urlsplit(url).netloc
+        self._backoff = failure_backoff_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._snapshot: _Snapshot[T] | None = None
+        self._retry_after = float("-inf")
+        self._last_error: errors.BrokerError | None = None
+
+    def get(self) -> T:
+        """The cached document, fetched first if there is none or it has expired."""
+        snapshot = self._snapshot
+        if snapshot is not None and self._clock() < snapshot.usable_until:
+            return snapshot.value
+        return self._load(seen=snapshot).value
+
+    def refresh(self) -> T:
+        """Fetch now, whatever the cache says (the caller rate-limits this).
+
+        On failure the current document is kept; raises only when there is none.
+        """
+        return self._load(seen=self._snapshot, force=True).value
+
+    def adopt_newer_shared(self) -> T | None:
+        """A newer document another process put in Redis, without any HTTP request."""
+        current = self._snapshot
+        shared = self._read_shared(newer_than=None if current is None else current.fetched_at)
+        if shared is None:
+            return None
+        with self._lock:
+            if self._snapshot is None or shared.fetched_at > self._snapshot.fetched_at:
+                self._snapshot = shared
+            return self._snapshot.value
+
+    def _load(self, *, seen: _Snapshot[T] | None, force: bool = False) -> _Snapshot[T]:
+        with self._lock:
+            now = self._clock()
+            current = self._snapshot
+            if current is not seen and current is not None and now < current.usable_until:
+                return current  # another thread did the work while we waited for the lock
+            shared = self._read_shared(newer_than=None if current is None else current.fetched_at)
+            if shared is not None and now < shared.usable_until:
+                # Another process fetched it after we did: no need to ask the IdP again.
+                self._snapshot = shared
+                return shared
+            fallback = _newest(current, shared)
+            if now < self._retry_after:
+                return self._keep_or_raise(fallback, now, None)
+            try:
+                raw, value = self._fetch()
+            except (errors.UpstreamError, errors.DependencyUnavailable) as exc:
+                self._retry_after = now + self._backoff
+                self._last_error = exc
+                return self._keep_or_raise(fallback, now, exc)
+            fresh = _Snapshot(value, now, now + self._cache_seconds)
+            self._snapshot = fresh
+            self._retry_after = float("-inf")
+            self._write_shared(raw, now)
+            if force:
+                log.info("%s (%s) refetched", self._what, self._host)
+            return fresh
+
+    def _keep_or_raise(
+        self, fallback: _Snapshot[T] | None, now: float, exc: errors.BrokerError | None
+    ) -> _Snapshot[T]:
+        if fallback is None:
+            if exc is not None:
+                raise exc
+            # Still backing off after a failure: fail fast with the same kind of error.
+            last = self._last_error or errors.DependencyUnavailable()
+            raise type(last)(f"{last.message} (retrying in a few seconds)")
+        if exc is not None:
+            log.warning(
+                "%s; still using the copy fetched %.0f s ago",
+                exc.message,
+                now - fallback.fetched_at,
+            )
+        kept = _Snapshot(
+            fallback.value, fallback.fetched_at, max(fallback.usable_until, now + self._backoff)
+        )
+        self._snapshot = kept
+        return kept
+
+    def _fetch(self) -> tuple[Any, T]:
+        result = self._http.get_json(self.url, timeout=self._timeout, what=self._what)
+        if result.status != 200:
+            raise errors.UpstreamError(f"{self._what} ({self._host}) answered HTTP {result.status}")
+        try:
+            return result.body, self._parse(result.body)
+        except ValueError as exc:
+            raise errors.UpstreamError(f"{self._what} ({self._host}) is malformed: {exc}") from exc
+
+    # Redis is an optimisation here, not a dependency: public keys can always be
+    # fetched again, so a Redis fault degrades to the in-process cache, never a 503.
+
+    def _read_shared(self, *, newer_than: float | None) -> _Snapshot[T] | None:
+        try:
+            entry = self._store.get_json(self._redis_key)
+        except (errors.DependencyUnavailable, ValueError) as exc:
+            log.warning("cannot read the cached %s from Redis: %s", self._what, exc)
+            return None
+        if not isinstance(entry, dict):
+            return None
+        fetched_at = entry.get("fetched_at")
+        if isinstance(fetched_at, bool) or not isinstance(fetched_at, int | float):
+            return None
+        if newer_than is not None and fetched_at <= newer_than:
+            return None
+        try:
+            value = self._parse(entry.get("document"))
+        except ValueError as exc:
+            log.warning("ignoring a malformed cached %s in Redis: %s", self._what, exc)
+            return None
+        return _Snapshot(value, float(fetched_at), float(fetched_at) + self._cache_seconds)
+
+    def _write_shared(self, raw: Any, fetched_at: float) -> None:
+        try:
+            self._store.set_json(
+                self._redis_key,
+                {"fetched_at": fetched_at, "document": raw},
+                ttl=self._cache_seconds,
+            )
+        except errors.DependencyUnavailable as exc:
+            log.warning("cannot cache the %s in Redis: %s", self._what, exc)
+
+
+def _newest(a: _Snapshot[T] | None, b: _Snapshot[T] | None) -> _Snapshot[T] | None:
+    if a is None or (b is not None and b.fetched_at > a.fetched_at):
+        return b
+    return a
+
+
+# --------------------------------------------------------------------------- key sets
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """The usable signing keys of one JWKS document, as published (JWK dicts)."""
+
+    by_kid: Mapping[str, Mapping[str, Any]]
+    keys: tuple[Mapping[str, Any], ...]
+    # Parsed keys per (kid, alg); filled lazily, shared by threads (dict writes are atomic).
+    _parsed: dict[tuple[int, str], jwt.PyJWK] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def find(self, kid: str | None) -> Mapping[str, Any] | None:
+        if kid is None:
+            # Without a kid the key is only unambiguous when exactly one is published.
+            return self.keys[0] if len(self.keys) == 1 else None
+        return self.by_kid.get(kid)
+
+    def pyjwk(self, jwk: Mapping[str, Any], algorithm: str) -> jwt.PyJWK:
+        slot = (id(jwk), algorithm)
+        parsed = self._parsed.get(slot)
+        if parsed is None:
+            parsed = self._parsed[slot] = key_for_algorithm(jwk, algorithm)
+        return parsed
+
+
+def parse_key_set(document: Any) -> KeySet:
+    """Keep the keys we may verify signatures with; skip (and log) everything else."""
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise MalformedDocument('not a JSON Web Key Set (no "keys" list)')
+    by_kid: dict[str, Mapping[str, Any]] = {}
+    keys: list[Mapping[str, Any]] = []
+    for index, jwk in enumerate(document["keys"]):
+        reason = _unusable(jwk)
+        if reason is None:
+            kid = jwk.get("kid")
+            if kid is None:
+                keys.append(jwk)
+            elif kid in by_kid:
+                reason = "duplicate kid"
+            else:
+                by_kid[kid] = jwk
+                keys.append(jwk)
+        if reason is not None:
+            label = jwk.get("kid") if isinstance(jwk, dict) else None
+            log.warning("skipping JWKS key #%d (kid %r): %s", index, label, reason)
+    if not keys:
+        raise MalformedDocument("no usable signing keys")
+    return KeySet(by_kid=by_kid, keys=tuple(keys))
+
+
+def _unusable(jwk: Any) -> str | None:
+    if not isinstance(jwk, dict):
+        return "not a JSON object"
+    kid = jwk.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        return "kid is not a string"
+    # "use" is optional (RFC 7517 section 4.2) and many IdPs omit it: absent means any.
+    use = jwk.get("use")
+    if use is not None and use != "sig":
+        return f"use is {use!r}, not 'sig'"
+    key_ops = jwk.get("key_ops")
+    if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
+        return "key_ops does not allow verify"
+    if jwk.get("kty") not in {"RSA", "EC"}:
+        return f"key type {jwk.get('kty')!r} never verifies an ID token"
+    if "d" in jwk:
+        # A published private key is compromised by definition: never trust it.
+        return "the JWK contains private key material"
+    alg = jwk.get("alg")
+    if alg is not None and alg not in ASYMMETRIC_ALGORITHMS:
+        return f"alg {alg!r} is not an allowed asymmetric algorithm"
+    try:
+        jwt.PyJWK(jwk)
+    except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        return f"unparseable ({type(exc).__name__})"
+    return None
+
+
+def key_for_algorithm(jwk: Mapping[str, Any], algorithm: str) -> jwt.PyJWK:
+    """The key bound to exactly ``algorithm``, or ``InvalidToken`` if it does not fit.
+
+    Binding the algorithm here (not letting the token header pick it) is what stops
+    algorithm confusion: pyjwt then verifies with this algorithm and nothing else.
+    """
+    expected = KEY_TYPES.get(algorithm)
+    if expected is None:
+        raise errors.InvalidToken("algorithm not allowed")
+    declared = jwk.get("alg")
+    if declared is not None and declared != algorithm:
+        raise errors.InvalidToken("signing key is published for another algorithm")
+    kty, crv = expected
+    if jwk.get("kty") != kty or (crv is not None and jwk.get("crv") != crv):
+        raise errors.InvalidToken("signing key type does not fit the algorithm")
+    try:
+        return jwt.PyJWK(dict(jwk), algorithm=algorithm)
+    except (jwt.PyJWTError, ValueError, TypeError):
+        raise errors.InvalidToken("signing key is unusable") from None
+
+
+class JWKSCache:
+    """The signing keys of one provider's JWKS URL (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        http: Http,
+        store: Store,
+        cache_seconds: int,
+        refresh_cooldown_seconds: int,
+        timeout: float,
+        clock: Callable[[], float] = time.time,
+        failure_backoff_seconds: float = FAILED_FETCH_BACKOFF_SECONDS,
+        what: str = "JWKS endpoint",
+    ) -> None:
+        self.url = url
+        self._document = RemoteDocument(
+            url=url,
+            http=http,
+            store=store,
+            namespace="jwks",
+            parse=parse_key_set,
+            cache_seconds=cache_seconds,
+            timeout=timeout,
+            what=what,
+            failure_backoff_seconds=failure_backoff_seconds,
+            clock=clock,
+        )
+        self._store = store
+        self._cooldown = refresh_cooldown_seconds
+        self._cooldown_key = store.key("jwks-refresh", url_digest(url))
+        self._clock = clock
+        self._cooldown_lock = threading.Lock()
+        self._next_local_refresh = float("-inf")
+
+    def get_key(self, kid: str | None, *, algorithm: str) -> jwt.PyJWK:
+        """The key for ``kid``, bound to ``algorithm``; ``InvalidToken`` if there is none.
+
+        ``kid`` None is accepted only while the provider publishes exactly one key. The
+        key must fit the algorithm (see ``key_for_algorithm``).
+        """
+        keys = self._document.get()
+        jwk = keys.find(kid)
+        if jwk is None and kid is not None:
+            if self._refresh_allowed():
+                keys = self._document.refresh()
+            else:
+                keys = self._document.adopt_newer_shared() or keys
+            jwk = keys.find(kid)
+        if jwk is None:
+            if kid is None:
+                raise errors.InvalidToken("token has no key id (kid)")
+            raise errors.InvalidToken("unknown signing key")
+        return keys.pyjwk(jwk, algorithm)
+
+    def _refresh_allowed(self) -> bool:
+        now = self._clock()
+        with self._cooldown_lock:
+            if now < self._next_local_refresh:
+                return False
+            self._next_local_refresh = now + self._cooldown
+        if self._cooldown <= 0:
+            return True
+        try:
+            # SET NX with the cooldown as TTL: whichever process sets it first refetches;
+            # the others wait for the marker to expire. (Store has no plain NX flag yet.)
+            return bool(
+                self._store.client.set(
+                    self._cooldown_key, b"1", nx=True, px=max(1, int(self._cooldown * 1000))
+                )
+            )
+        except redis.exceptions.RedisError as exc:
+            # The in-process cooldown above still bounds this process.
+            log.warning("cannot coordinate the JWKS refresh cooldown in Redis: %s", exc)
+            return True

@@ -1,0 +1,278 @@
+"""Generic OpenID Connect ID tokens; Google is a preset of the same class.
+
+``verify`` follows OpenID Connect Core 1.0 section 3.1.3.7 (ID token validation) and
+checks every step itself, in order, so a reviewer can tick them off:
+
+1. size bound, then the JOSE header: ``alg`` in the asymmetric allow-list, ``kid``
+2. the key: from the provider's JWKS, published for this algorithm, of a fitting type
+3. signature with exactly that algorithm; ``exp``/``iat``/``nbf`` with a small leeway;
+   the required claims present (pyjwt, with the allow-list passed explicitly)
+4. ``iss`` exactly one of the configured issuers
+5. every ``aud`` a configured client id; ``azp`` present with several audiences and,
+   when present, a configured client id
+6. ``nonce`` equal to the one the caller sent (or required by configuration)
+
+The key set comes from ``jwks_url`` when configured, else from the discovery document,
+whose ``issuer`` must be one of the configured issuers (OpenID Connect Discovery 4.3).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import jwt
+
+from broker import errors
+from broker.http import Http
+from broker.identity import VerifiedClaims, VerifiedToken
+from broker.jwks import ASYMMETRIC_ALGORITHMS, JWKSCache, MalformedDocument, RemoteDocument
+from broker.providers.base import IdentityProvider
+from broker.settings import OIDCProviderSettings
+from broker.store import Store
+
+log = logging.getLogger(__name__)
+
+# Real ID tokens are 1-2 KiB. Anything far larger is junk or an attempt to make us
+# spend CPU and memory before a single check has run.
+MAX_TOKEN_LENGTH = 16 * 1024
+
+REQUIRED_CLAIMS = ["iss", "aud", "exp", "iat", "sub"]
+
+
+class OIDCProvider(IdentityProvider):
+    def __init__(
+        self,
+        *,
+        settings: OIDCProviderSettings,
+        http: Http,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = settings.name
+        self.display_name = settings.display_name
+        self._settings = settings
+        self._http = http
+        self._store = store
+        self._clock = clock
+        refused = sorted(set(settings.algorithms) - ASYMMETRIC_ALGORITHMS)
+        if refused:
+            # Settings validation already refuses these; a hand-built settings object
+            # must not be able to switch on "none" or HS* either.
+            log.error("provider %s: ignoring non-asymmetric algorithms %s", self.name, refused)
+        self._algorithms = frozenset(settings.algorithms) & ASYMMETRIC_ALGORITHMS
+        if not self._algorithms:
+            raise errors.ConfigurationError(
+                f"provider {self.name!r}: no allowed asymmetric signing algorithm configured"
+            )
+        if not settings.issuers or not settings.client_ids:
+            raise errors.ConfigurationError(
+                f"provider {self.name!r}: issuers and client_ids must not be empty"
+            )
+        self._jwks_lock = threading.Lock()
+        self._jwks: JWKSCache | None = None
+        self._discovery: RemoteDocument[str] | None = None
+        if settings.jwks_url:
+            self._jwks = self._jwks_cache(settings.jwks_url)
+        elif settings.discovery_url:
+            self._discovery = RemoteDocument(
+                url=settings.discovery_url,
+                http=http,
+                store=store,
+                namespace="oidc-discovery",
+                parse=self._jwks_uri_from_discovery,
+                cache_seconds=settings.jwks_cache_seconds,
+                timeout=settings.timeout_seconds,
+                what=f"{self.name} discovery document",
+                clock=clock,
+            )
+        else:
+            raise errors.ConfigurationError(
+                f"provider {self.name!r}: set jwks_url or discovery_url (or an issuer)"
+            )
+
+    # ------------------------------------------------------------------------ verify
+
+    def verify(self, token: str, *, nonce: str | None = None) -> VerifiedToken:
+        s = self._settings
+        if nonce is None and s.require_nonce:
+            # Without the nonce we sent, a token stolen from another login could be
+            # replayed here; this provider is configured to refuse that outright.
+            raise errors.InvalidToken("a nonce is required for this provider")
+
+        # Step 1: bound the work, then read the (still unverified) header.
+        if not token:
+            raise errors.InvalidToken("token is empty")
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise errors.InvalidToken("token is too large")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise errors.InvalidToken("token is not a well-formed JWT") from None
+        alg = header.get("alg")
+        # The allow-list holds asymmetric algorithms only, so "none" and HS* never pass.
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise errors.InvalidToken("algorithm not allowed")
+        # pyjwt guarantees a string kid when present. An absent kid is allowed only
+        # while the provider publishes exactly one key (JWKSCache.get_key), so it can
+        # never mean "try every key".
+        kid: str | None = header.get("kid")
+
+        # Step 2: the key must be published for this alg (if the JWK names one) and be
+        # of the matching type and curve; an RSA key can never verify HS256.
+        key = self._key_set().get_key(kid, algorithm=alg)
+
+        # Step 3: signature with exactly this algorithm, lifetime, required claims.
+        claims = self._decode(token, key, alg)
+
+        # Step 4: issuer, compared exactly against the configured tuple. Google issues
+        # both "accounts.google.com" and "https://accounts.google.com"; a trailing
+        # slash or another scheme is another issuer.
+        iss = claims["iss"]
+        if not isinstance(iss, str) or iss not in s.issuers:
+            raise errors.InvalidToken("wrong issuer")
+
+        # Step 5: audience. pyjwt checked that one aud is ours; OIDC also requires the
+        # rest to be trusted and, with several, an azp that is ours too. Google puts
+        # the web client id in aud and the Android/iOS client id in azp.
+        audiences = [claims["aud"]] if isinstance(claims["aud"], str) else claims["aud"]
+        if not all(aud in s.client_ids for aud in audiences):
+            raise errors.InvalidToken("wrong audience")
+        azp = claims.get("azp")
+        if len(audiences) > 1 and azp is None:
+            raise errors.InvalidToken("token has several audiences but no azp")
+        if azp is not None and azp not in s.client_ids:
+            raise errors.InvalidToken("wrong authorized party (azp)")
+
+        # Step 6: nonce, in constant time (it is a secret bound to the browser session).
+        if nonce is not None:
+            token_nonce = claims.get("nonce")
+            if not isinstance(token_nonce, str):
+                raise errors.InvalidToken("token has no nonce")
+            if not hmac.compare_digest(token_nonce.encode(), nonce.encode()):
+                raise errors.InvalidToken("wrong nonce")
+
+        subject = claims["sub"]
+        if not isinstance(subject, str) or not subject:
+            raise errors.InvalidToken("token has an empty subject")
+        return VerifiedToken(
+            provider=self.name,
+            subject=subject,
+            claims=VerifiedClaims(claims),
+            token=token,
+            sts_provider_id=None,
+            expires_at=int(claims["exp"]),
+        )
+
+    def _decode(self, token: str, key: jwt.PyJWK, alg: str) -> dict[str, Any]:
+        s = self._settings
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                # Exactly the header's alg, already checked against the allow-list and
+                # bound to the key: never a list the token could choose from.
+                algorithms=[alg],
+                audience=list(s.client_ids),
+                # The issuer is checked by us against the tuple, exactly (step 4).
+                issuer=None,
+                # A small leeway (settings, default 60 s) absorbs clock skew between the
+                # IdP and us; it is applied to exp, iat and nbf alike. Larger values
+                # would extend the life of a stolen token.
+                leeway=s.leeway_seconds,
+                options={
+                    "verify_signature": True,
+                    "verify_exp": True,
+                    "verify_iat": True,
+                    "verify_nbf": True,
+                    "verify_aud": True,
+                    "verify_sub": True,
+                    "require": list(REQUIRED_CLAIMS),
+                    # A short RSA key is as good as none: refuse it, do not warn.
+                    "enforce_minimum_key_length": True,
+                },
+            )
+        except jwt.PyJWTError as exc:
+            raise _token_error(exc) from None
+        for name in ("exp", "iat", "nbf"):
+            value = claims.get(name)
+            # pyjwt int()s these, which accepts "123" and True; RFC 7519 says number.
+            if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise errors.InvalidToken(f"token has a non-numeric {name} claim")
+        return claims
+
+    # ------------------------------------------------------------------------ keys
+
+    def _key_set(self) -> JWKSCache:
+        if self._discovery is None:
+            assert self._jwks is not None  # set in __init__ when jwks_url is configured
+            return self._jwks
+        jwks_uri = self._discovery.get()
+        current = self._jwks
+        if current is not None and current.url == jwks_uri:
+            return current
+        with self._jwks_lock:
+            if self._jwks is None or self._jwks.url != jwks_uri:
+                self._jwks = self._jwks_cache(jwks_uri)
+            return self._jwks
+
+    def _jwks_cache(self, url: str) -> JWKSCache:
+        s = self._settings
+        return JWKSCache(
+            url=url,
+            http=self._http,
+            store=self._store,
+            cache_seconds=s.jwks_cache_seconds,
+            refresh_cooldown_seconds=s.jwks_refresh_cooldown_seconds,
+            timeout=s.timeout_seconds,
+            clock=self._clock,
+            what=f"{self.name} JWKS endpoint",
+        )
+
+    def _jwks_uri_from_discovery(self, document: Any) -> str:
+        if not isinstance(document, Mapping):
+            raise MalformedDocument("not a JSON object")
+        issuer = document.get("issuer")
+        # Discovery 4.3: the document must name the issuer we trust, or an attacker
+        # who controls the discovery URL could point us at keys of their choosing.
+        if not isinstance(issuer, str) or issuer not in self._settings.issuers:
+            raise MalformedDocument(
+                f"issuer {issuer!r} is not a configured issuer {list(self._settings.issuers)}"
+            )
+        jwks_uri = document.get("jwks_uri")
+        if not isinstance(jwks_uri, str) or urlsplit(jwks_uri).scheme not in {"http", "https"}:
+            raise MalformedDocument("jwks_uri is missing or not an http(s) URL")
+        return jwks_uri
+
+
+def _token_error(exc: jwt.PyJWTError) -> errors.InvalidToken:
+    """Short, precise, token-free messages; subclasses before their bases."""
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return errors.ExpiredToken("token has expired")
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return errors.InvalidToken("signature verification failed")
+    if isinstance(exc, jwt.InvalidAlgorithmError):
+        return errors.InvalidToken("algorithm not allowed")
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return errors.InvalidToken("wrong audience")
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return errors.InvalidToken(f"token has no {exc.claim} claim")
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        # pyjwt raises the same class for both; its message names the claim.
+        if "iat" in str(exc):
+            return errors.InvalidToken("token is issued in the future (iat)")
+        return errors.InvalidToken("token is not yet valid (nbf)")
+    if isinstance(exc, jwt.InvalidIssuedAtError):
+        return errors.InvalidToken("token has a non-numeric iat claim")
+    if isinstance(exc, jwt.InvalidKeyError):
+        return errors.InvalidToken("signing key is unusable")
+    if isinstance(exc, jwt.exceptions.InvalidSubjectError):
+        return errors.InvalidToken("token has a non-string subject")
+    if isinstance(exc, jwt.DecodeError):
+        return errors.InvalidToken("token is malformed")
+    return errors.InvalidToken("token is not valid")
