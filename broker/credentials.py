@@ -1,0 +1,211 @@
+"""Credentials for a grant: a Redis cache with singleflight around STS.
+
+Credentials are cached per (identity, role, session policy, policy ARNs, duration,
+config version), sealed in Redis and dropped a safety margin before they expire. The
+cache key is a digest of those values and never involves the provider token, so a
+caller presenting a fresh token for the same identity and grant gets the same
+credentials without another STS call.
+
+A burst of requests for one uncached entry, from any number of threads and broker
+processes, makes one STS call: the first to take the entry's Redis lock calls STS and
+fills the cache; the others poll the cache until it is filled, or take the lock over if
+the leader failed and released it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import redis.exceptions
+
+from broker.errors import DependencyUnavailable
+from broker.identity import Identity
+from broker.policy import session_name
+from broker.rules import Grant
+from broker.settings import CacheSettings
+from broker.store import Store
+from broker.sts import STS, AssumeRequest, IssuedCredentials
+
+# Followers poll the cache while the leader waits on STS: fast at first (STS usually
+# answers in well under a second), backing off so a slow STS is not met with a storm.
+_POLL_FIRST_SECONDS = 0.01
+_POLL_MAX_SECONDS = 0.1
+# What a caller is told when the leader is still waiting on STS after lock_wait_seconds.
+_BUSY_RETRY_AFTER = 2
+
+# Adds a cache key to its identity's index and stretches the index's TTL to cover it
+# (never shortens it), in one step. Works on Redis 6.2 (no PEXPIRE GT/NX there).
+_INDEX_ADD = """
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+
+class CredentialService:
+    def __init__(
+        self,
+        *,
+        sts: STS,
+        store: Store,
+        settings: CacheSettings,
+        config_version: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._sts = sts
+        self._store = store
+        self._settings = settings
+        self._config_version = config_version
+        self._clock = clock
+
+    def get(self, identity: Identity, grant: Grant) -> IssuedCredentials:
+        request = AssumeRequest(
+            role_arn=grant.role_arn,
+            session_name=session_name(identity),
+            web_identity_token=identity.verified.token,
+            provider_id=identity.verified.sts_provider_id,
+            duration_seconds=grant.duration_seconds,
+            policy=grant.session_policy,
+            policy_arns=grant.policy_arns,
+        )
+        if not self._settings.enabled:
+            return self._sts.assume_role_with_web_identity(request)
+
+        digest = self._digest(identity.identity_id, grant)
+        key = self._store.key("creds", digest)
+        cached = self._cached(key)
+        if cached is not None:
+            return cached
+
+        deadline = time.monotonic() + self._settings.lock_wait_seconds
+        poll = _POLL_FIRST_SECONDS
+        while True:
+            # One non-blocking attempt per round: while another process holds the lock,
+            # watching the cache returns as soon as the leader fills it, rather than
+            # queueing every follower through the lock one by one.
+            with self._store.lock(
+                digest, timeout=self._settings.lock_timeout_seconds, wait=0
+            ) as leader:
+                if leader:
+                    # The previous leader may have filled the cache just before we won.
+                    cached = self._cached(key)
+                    if cached is not None:
+                        return cached
+                    issued = self._sts.assume_role_with_web_identity(request)
+                    self._put(key, identity.identity_id, issued)
+                    return issued
+            cached = self._cached(key)
+            if cached is not None:
+                return cached
+            if time.monotonic() >= deadline:
+                # The leader is still waiting on STS. Calling STS as well would defeat
+                # the point of singleflight exactly when STS is struggling.
+                raise DependencyUnavailable(
+                    "STS is slow to answer: a request for the same credentials is still "
+                    "waiting on it",
+                    retry_after=_BUSY_RETRY_AFTER,
+                )
+            time.sleep(poll)
+            poll = min(poll * 2, _POLL_MAX_SECONDS)
+
+    def forget(self, identity_id: str) -> int:
+        """Drop every cached credential of one identity; returns how many were dropped."""
+        index = self._index_key(identity_id)
+        with _redis_errors():
+            members = self._store.client.smembers(index)
+            keys = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+            # One key per call: cache keys may live on different Cluster slots.
+            dropped = sum(int(self._store.client.delete(k)) for k in keys)
+            self._store.client.delete(index)
+        return dropped
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _digest(self, identity_id: str, grant: Grant) -> str:
+        # A JSON array, not a joined string: no two different grants share an encoding.
+        material = json.dumps(
+            [
+                identity_id,
+                grant.role_arn,
+                grant.session_policy,
+                list(grant.policy_arns),
+                grant.duration_seconds,
+                self._config_version,
+            ],
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(material.encode()).hexdigest()
+
+    def _index_key(self, identity_id: str) -> str:
+        return self._store.key("creds-index", identity_id)
+
+    def _cached(self, key: str) -> IssuedCredentials | None:
+        value = self._store.get_sealed(key)
+        if value is None:
+            return None
+        try:
+            issued = _decode(value)
+        except (KeyError, TypeError, ValueError):
+            return None  # written by an incompatible version: treat as a miss
+        # Redis expires entries at the margin already; this guards against clock skew
+        # between broker nodes and Redis.
+        if self._remaining(issued) <= 0:
+            return None
+        return issued
+
+    def _remaining(self, issued: IssuedCredentials) -> float:
+        """Seconds the credentials may still be handed out."""
+        return issued.expiration.timestamp() - self._clock() - self._settings.safety_margin_seconds
+
+    def _put(self, key: str, identity_id: str, issued: IssuedCredentials) -> None:
+        ttl = self._remaining(issued)
+        if ttl <= 0:
+            return  # shorter-lived than the margin: hand out once, never cache
+        # Index first: if the second write fails, forget() still finds the entry.
+        with _redis_errors():
+            self._store.client.eval(
+                _INDEX_ADD, 1, self._index_key(identity_id), key, math.ceil(ttl * 1000)
+            )
+        self._store.set_sealed(key, _encode(issued), ttl=ttl)
+
+
+@contextmanager
+def _redis_errors() -> Iterator[None]:
+    try:
+        yield
+    except redis.exceptions.RedisError as exc:
+        raise DependencyUnavailable("the broker's state store (Redis) is unavailable") from exc
+
+
+def _encode(issued: IssuedCredentials) -> dict[str, Any]:
+    return {
+        "access_key_id": issued.access_key_id,
+        "secret_access_key": issued.secret_access_key,
+        "session_token": issued.session_token,
+        "expiration": issued.expiration.isoformat(),
+        "assumed_role_arn": issued.assumed_role_arn,
+        "assumed_role_id": issued.assumed_role_id,
+    }
+
+
+def _decode(value: Any) -> IssuedCredentials:
+    expiration = datetime.fromisoformat(value["expiration"])
+    if expiration.tzinfo is None:
+        raise ValueError("expiration without a timezone")
+    return IssuedCredentials(
+        access_key_id=value["access_key_id"],
+        secret_access_key=value["secret_access_key"],
+        session_token=value["session_token"],
+        expiration=expiration,
+        assumed_role_arn=value["assumed_role_arn"],
+        assumed_role_id=value["assumed_role_id"],
+    )

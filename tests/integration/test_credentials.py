@@ -1,0 +1,368 @@
+"""CredentialService with a real redis-server and BotocoreSTS against moto.
+
+STS calls are counted by a proxy implementing the ``STS`` protocol that delegates to the
+real BotocoreSTS, and cross-checked with moto's request recorder.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import redis
+
+from broker import errors
+from broker.credentials import CredentialService
+from broker.devstack.processes import ManagedProcess
+from broker.devstack.redis_server import start_redis
+from broker.identity import Identity, IdentityIds, VerifiedClaims, VerifiedToken
+from broker.rules import Grant
+from broker.settings import CacheSettings
+from broker.store import Sealer, Store
+from broker.sts import AssumeRequest, BotocoreSTS, IssuedCredentials
+from tests.integration.aws_fixtures import READER_ROLE, WRITER_ROLE, LocalAWS, local_aws
+
+pytestmark = pytest.mark.integration
+
+SEALER = Sealer([b"e" * 32])
+IDS = IdentityIds(key=b"k" * 32, region="us-east-1")
+CACHE = CacheSettings(
+    enabled=True, safety_margin_seconds=300, lock_timeout_seconds=10, lock_wait_seconds=5
+)
+GRANT = Grant(
+    rule="readers", role_arn=READER_ROLE, duration_seconds=900, session_policy=None, policy_arns=()
+)
+
+
+class CountingSTS:
+    """The real STS, counted; optionally slowed so concurrent callers overlap for sure."""
+
+    def __init__(self, sts: BotocoreSTS, *, delay: float = 0.0) -> None:
+        self._sts = sts
+        self._delay = delay
+        self._lock = threading.Lock()
+        self.requests: list[AssumeRequest] = []
+
+    @property
+    def calls(self) -> int:
+        return len(self.requests)
+
+    def assume_role_with_web_identity(self, request: AssumeRequest) -> IssuedCredentials:
+        with self._lock:
+            self.requests.append(request)
+        time.sleep(self._delay)
+        return self._sts.assume_role_with_web_identity(request)
+
+
+class FailingOnceSTS(CountingSTS):
+    def assume_role_with_web_identity(self, request: AssumeRequest) -> IssuedCredentials:
+        if self.calls == 0:
+            with self._lock:
+                self.requests.append(request)
+            raise errors.UpstreamError("STS failed")
+        return super().assume_role_with_web_identity(request)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def aws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalAWS]:
+    with local_aws(tmp_path_factory.mktemp("moto")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def real_sts(aws: LocalAWS) -> Iterator[BotocoreSTS]:
+    client = BotocoreSTS(aws.sts_settings())
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    # A fresh prefix per test keeps tests independent on the shared redis-server.
+    return f"test:{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture
+def new_store(redis_server: ManagedProcess, prefix: str) -> Iterator[Callable[[], Store]]:
+    """Stores with their own Redis connections, as separate broker processes have."""
+    clients: list[redis.Redis] = []
+
+    def make() -> Store:
+        client = redis.Redis(port=redis_server.port, socket_timeout=5)
+        clients.append(client)
+        return Store(client=client, prefix=prefix, sealer=SEALER)
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def store(new_store: Callable[[], Store]) -> Store:
+    return new_store()
+
+
+@pytest.fixture
+def sts(real_sts: BotocoreSTS) -> CountingSTS:
+    return CountingSTS(real_sts)
+
+
+def service(
+    sts: CountingSTS, store: Store, *, config_version: str = "v1", **settings: Any
+) -> CredentialService:
+    return CredentialService(
+        sts=sts, store=store, settings=replace(CACHE, **settings), config_version=config_version
+    )
+
+
+def identity(subject: str = "alice", *, token: str = "token-1") -> Identity:
+    return IDS.identify(
+        VerifiedToken(
+            provider="google",
+            subject=subject,
+            claims=VerifiedClaims({"sub": subject, "email": f"{subject}@example.com"}),
+            token=token,
+            sts_provider_id=None,
+            expires_at=int(time.time()) + 3600,
+        )
+    )
+
+
+def keys_with_prefix(store: Store) -> list[bytes]:
+    return sorted(store.client.scan_iter(match=f"{store.prefix}*"))
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def test_a_hit_returns_the_same_credentials_without_calling_sts(
+    sts: CountingSTS, store: Store
+) -> None:
+    credentials = service(sts, store)
+
+    first = credentials.get(identity(), GRANT)
+    # A fresh upstream token for the same person: the token is not part of the key.
+    second = credentials.get(identity(token="token-2"), GRANT)
+
+    assert second == first
+    assert sts.calls == 1
+
+
+def test_the_request_carries_the_grant_and_the_identity(sts: CountingSTS, store: Store) -> None:
+    grant = replace(
+        GRANT,
+        duration_seconds=1200,
+        session_policy='{"Version":"2012-10-17","Statement":[]}',
+        policy_arns=("arn:aws:iam::aws:policy/ReadOnlyAccess",),
+    )
+    amazon = replace(identity(token="lwa-access-token").verified, sts_provider_id="www.amazon.com")
+
+    service(sts, store).get(IDS.identify(amazon), grant)
+
+    [sent] = sts.requests
+    assert sent.role_arn == grant.role_arn
+    assert sent.duration_seconds == 1200
+    assert sent.policy == grant.session_policy
+    assert sent.policy_arns == grant.policy_arns
+    assert sent.web_identity_token == "lwa-access-token"
+    assert sent.provider_id == "www.amazon.com"
+    assert sent.session_name
+
+
+def test_cached_credentials_are_sealed_in_redis(sts: CountingSTS, store: Store) -> None:
+    issued = service(sts, store).get(identity(), GRANT)
+
+    raw = b""
+    for key in keys_with_prefix(store):
+        stored: Any = (
+            store.client.smembers(key)
+            if store.client.type(key) == b"set"
+            else [store.client.get(key)]
+        )
+        raw += b"".join(stored)
+    assert raw
+    for secret in (issued.access_key_id, issued.secret_access_key, issued.session_token):
+        assert secret.encode() not in raw
+    assert b"token-1" not in raw
+
+
+def test_every_key_expires_and_no_lock_is_left_behind(sts: CountingSTS, store: Store) -> None:
+    service(sts, store).get(identity(), GRANT)
+
+    keys = keys_with_prefix(store)
+    assert len(keys) == 2  # the entry and its identity's index
+    assert all(store.client.pttl(key) > 0 for key in keys)
+    assert not [key for key in keys if b":lock" in key]
+
+
+def test_entries_expire_a_safety_margin_before_the_credentials(
+    sts: CountingSTS, store: Store
+) -> None:
+    issued = service(sts, store, safety_margin_seconds=300).get(identity(), GRANT)
+
+    [entry] = [k for k in keys_with_prefix(store) if b"creds:" in k]
+    ttl = store.client.pttl(entry) / 1000
+    expected = issued.expiration.timestamp() - time.time() - 300
+    assert expected - 5 < ttl <= expected + 1
+
+
+def test_credentials_within_the_margin_are_neither_cached_nor_served(
+    sts: CountingSTS, store: Store
+) -> None:
+    # 900 s credentials and a clock 650 s ahead: 250 s left, inside the 300 s margin.
+    late = CredentialService(
+        sts=sts, store=store, settings=CACHE, config_version="v1", clock=lambda: time.time() + 650
+    )
+    late.get(identity(), GRANT)
+    assert not [k for k in keys_with_prefix(store) if b"creds:" in k]
+
+    # Cached by a node with a correct clock, the entry is still too old for this one.
+    service(sts, store).get(identity(), GRANT)
+    late.get(identity(), GRANT)
+    assert sts.calls == 3
+
+
+@pytest.mark.parametrize(
+    ("grant", "config_version", "subject"),
+    [
+        pytest.param(replace(GRANT, role_arn=WRITER_ROLE), "v1", "alice", id="role"),
+        pytest.param(replace(GRANT, session_policy="{}"), "v1", "alice", id="policy"),
+        pytest.param(
+            replace(GRANT, policy_arns=("arn:aws:iam::aws:policy/ReadOnlyAccess",)),
+            "v1",
+            "alice",
+            id="policy-arns",
+        ),
+        pytest.param(replace(GRANT, duration_seconds=1800), "v1", "alice", id="duration"),
+        pytest.param(GRANT, "v2", "alice", id="config-version"),
+        pytest.param(GRANT, "v1", "bob", id="identity"),
+    ],
+)
+def test_a_different_grant_config_or_identity_is_a_different_entry(
+    sts: CountingSTS, store: Store, grant: Grant, config_version: str, subject: str
+) -> None:
+    first = service(sts, store).get(identity(), GRANT)
+    second = service(sts, store, config_version=config_version).get(identity(subject), grant)
+
+    assert second.access_key_id != first.access_key_id
+    assert sts.calls == 2
+    assert len([k for k in keys_with_prefix(store) if b"creds:" in k]) == 2
+
+
+def test_forget_drops_every_entry_of_one_identity(sts: CountingSTS, store: Store) -> None:
+    credentials = service(sts, store)
+    alice, bob = identity("alice"), identity("bob")
+    credentials.get(alice, GRANT)
+    credentials.get(alice, replace(GRANT, role_arn=WRITER_ROLE))
+    credentials.get(bob, GRANT)
+
+    assert credentials.forget(alice.identity_id) == 2
+
+    credentials.get(bob, GRANT)
+    assert sts.calls == 3  # bob's entry survived
+    credentials.get(alice, GRANT)
+    assert sts.calls == 4
+    assert credentials.forget("us-east-1:nobody") == 0
+
+
+def test_a_disabled_cache_calls_sts_every_time(sts: CountingSTS, store: Store) -> None:
+    credentials = service(sts, store, enabled=False)
+
+    credentials.get(identity(), GRANT)
+    credentials.get(identity(), GRANT)
+
+    assert sts.calls == 2
+    assert keys_with_prefix(store) == []
+
+
+def test_failures_are_not_cached_and_release_the_lock(real_sts: BotocoreSTS, store: Store) -> None:
+    sts = FailingOnceSTS(real_sts)
+    credentials = service(sts, store)
+
+    with pytest.raises(errors.UpstreamError):
+        credentials.get(identity(), GRANT)
+    assert credentials.get(identity(), GRANT).access_key_id
+    assert sts.calls == 2
+
+
+# --------------------------------------------------------------------------- singleflight
+
+
+def burst(credentials: list[CredentialService], n: int) -> list[IssuedCredentials]:
+    start = threading.Barrier(n)
+
+    def one(i: int) -> IssuedCredentials:
+        start.wait()
+        return credentials[i % len(credentials)].get(identity(token=f"token-{i}"), GRANT)
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_a_burst_for_one_identity_makes_one_sts_call(
+    aws: LocalAWS, real_sts: BotocoreSTS, store: Store
+) -> None:
+    sts = CountingSTS(real_sts, delay=0.2)
+
+    with aws.recording() as recording:
+        results = burst([service(sts, store)], 50)
+
+    assert sts.calls == 1
+    assert len(recording.sts_calls()) == 1
+    assert {r.access_key_id for r in results} == {results[0].access_key_id}
+
+
+def test_separate_processes_share_singleflight(
+    real_sts: BotocoreSTS, new_store: Callable[[], Store], aws: LocalAWS
+) -> None:
+    # Two services with their own Redis connections and STS clients: two processes.
+    other_sts = BotocoreSTS(aws.sts_settings())
+    try:
+        counters = [CountingSTS(real_sts, delay=0.2), CountingSTS(other_sts, delay=0.2)]
+        services = [service(counters[0], new_store()), service(counters[1], new_store())]
+
+        results = burst(services, 40)
+    finally:
+        other_sts.close()
+
+    assert sum(c.calls for c in counters) == 1
+    assert len({r.access_key_id for r in results}) == 1
+
+
+def test_a_follower_gives_up_when_the_leader_takes_too_long(
+    real_sts: BotocoreSTS, store: Store
+) -> None:
+    slow = CountingSTS(real_sts, delay=1.5)
+    credentials = service(slow, store, lock_wait_seconds=1.0)
+    leader = ThreadPoolExecutor(max_workers=1)
+    try:
+        leading = leader.submit(credentials.get, identity(), GRANT)
+        while slow.calls == 0:
+            time.sleep(0.01)
+
+        started = time.monotonic()
+        with pytest.raises(errors.DependencyUnavailable) as caught:
+            credentials.get(identity(token="token-2"), GRANT)
+        assert 0.9 < time.monotonic() - started < 1.4
+        assert caught.value.retry_after
+
+        assert leading.result(timeout=10).access_key_id
+    finally:
+        leader.shutdown()
+    assert slow.calls == 1
