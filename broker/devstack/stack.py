@@ -1,0 +1,289 @@
+"""The embedded dev stack: real local Redis, STS (moto) and OIDC provider, plus the broker.
+
+``broker dev`` starts everything on free ports, wires the broker to it with an example
+rule set, prints what to do next and stops it all on Ctrl-C, leaving nothing running.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from werkzeug.serving import make_server
+
+from broker.devstack.moto_server import RoleSpec, seed_aws, start_moto
+from broker.devstack.oidc_server import DEMO_USERS, start_oidc_provider
+from broker.devstack.processes import ManagedProcess, free_port
+from broker.devstack.redis_server import start_redis
+
+DEV_CLIENT_ID = "broker-demo"
+DEV_PROVIDER = "demo"
+ACCOUNT_ID = "123456789012"  # moto's default account
+DEMO_BUCKET = "broker-demo-bucket"
+OTHER_BUCKET = "broker-other-bucket"
+ADMIN_ROLE = f"arn:aws:iam::{ACCOUNT_ID}:role/BrokerDemoAdmin"
+USER_ROLE = f"arn:aws:iam::{ACCOUNT_ID}:role/BrokerDemoUser"
+STATE_FILE = "state.json"
+
+DEV_ROLES = (
+    RoleSpec(
+        name="BrokerDemoAdmin",
+        policy={
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+        },
+    ),
+    RoleSpec(
+        name="BrokerDemoUser",
+        policy={
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Action": ["s3:ListBucket", "s3:GetObject", "s3:PutObject"],
+                    "Resource": [
+                        f"arn:aws:s3:::{DEMO_BUCKET}",
+                        f"arn:aws:s3:::{DEMO_BUCKET}/*",
+                    ],
+                }
+            ],
+        },
+    ),
+)
+
+
+def _dev_keys(workdir: Path) -> dict[str, str]:
+    """Dev keys persist in the workdir so identity ids stay stable across restarts."""
+    path = workdir / "dev-keys.json"
+    if path.exists():
+        keys: dict[str, str] = json.loads(path.read_text())
+        return keys
+    keys = {
+        "identity_key": base64.b64encode(os.urandom(32)).decode(),
+        "encryption_key": base64.b64encode(os.urandom(32)).decode(),
+    }
+    path.write_text(json.dumps(keys))
+    path.chmod(0o600)
+    return keys
+
+
+def dev_config(
+    *,
+    broker_url: str,
+    redis_url: str,
+    sts_url: str,
+    issuer: str,
+    keys: Mapping[str, str],
+    extra_providers: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The example configuration the dev stack runs with (and the tests start from)."""
+    return {
+        "server": {"public_url": broker_url},
+        "redis": {"url": redis_url, "key_prefix": "broker-dev:"},
+        "security": {
+            "identity_key": keys["identity_key"],
+            "encryption_keys": [keys["encryption_key"]],
+        },
+        "sts": {"region": "us-east-1", "endpoint_url": sts_url},
+        # Plain http on localhost: a Secure cookie would never be sent back.
+        "web": {"cookie_secure": False},
+        "providers": {
+            DEV_PROVIDER: {
+                "type": "oidc",
+                "display_name": "Demo OpenID Connect provider",
+                "issuer": issuer,
+                "client_ids": [DEV_CLIENT_ID],
+                "client_secret": "demo-client-secret",
+            },
+            **(extra_providers or {}),
+        },
+        "rules": [
+            {
+                "name": "admins-with-mfa",
+                "providers": [DEV_PROVIDER],
+                "conditions": [{"claim": "groups", "op": "contains", "value": "admins"}],
+                "require_mfa": True,
+                "require_email_verified": True,
+                "roles": [ADMIN_ROLE, USER_ROLE],
+                "max_duration_seconds": 43200,
+            },
+            {
+                "name": "example-users",
+                "providers": [DEV_PROVIDER],
+                "conditions": [{"claim": "email", "op": "glob", "value": "*@example.com"}],
+                "require_email_verified": True,
+                "roles": [USER_ROLE],
+                "max_duration_seconds": 3600,
+                # Each user may only touch their own prefix of the demo bucket.
+                "session_policy": {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Action": ["s3:GetObject", "s3:PutObject"],
+                            "Resource": f"arn:aws:s3:::{DEMO_BUCKET}/users/${{identity_id}}/*",
+                        },
+                        {
+                            "Effect": "Allow",
+                            "Action": "s3:ListBucket",
+                            "Resource": f"arn:aws:s3:::{DEMO_BUCKET}",
+                        },
+                    ],
+                },
+            },
+        ],
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stack:
+    workdir: Path
+    redis: ManagedProcess
+    moto: ManagedProcess
+    oidc: ManagedProcess
+    keys: Mapping[str, str]
+
+    def config(self, broker_url: str, **kwargs: Any) -> dict[str, Any]:
+        return dev_config(
+            broker_url=broker_url,
+            redis_url=f"redis://127.0.0.1:{self.redis.port}/0",
+            sts_url=self.moto.url,
+            issuer=self.oidc.url,
+            keys=self.keys,
+            **kwargs,
+        )
+
+
+@contextmanager
+def local_stack(workdir: Path) -> Iterator[Stack]:
+    """Redis, moto (IAM auth on, demo roles seeded) and the OIDC provider, all stopped
+    on exit whatever happens."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        redis = start_redis(workdir)
+        stack.callback(redis.stop)
+        moto = start_moto(workdir)
+        stack.callback(moto.stop)
+        seed_aws(moto.url, DEV_ROLES, buckets=(DEMO_BUCKET, OTHER_BUCKET))
+        oidc = start_oidc_provider(workdir)
+        stack.callback(oidc.stop)
+        yield Stack(workdir=workdir, redis=redis, moto=moto, oidc=oidc, keys=_dev_keys(workdir))
+
+
+def run_dev(*, port: int, workdir: str) -> int:
+    from broker.app import create_app
+    from broker.settings import settings_from_mapping
+
+    root = Path(workdir).resolve()
+    port = port or free_port()
+    broker_url = f"http://127.0.0.1:{port}"
+    print("starting the dev stack (Redis, STS, OIDC provider) ...", flush=True)
+    with local_stack(root / "run") as stack:
+        # Environment overrides apply to the dev stack too (e.g. BROKER_RATE_LIMIT__...).
+        settings = settings_from_mapping(stack.config(broker_url), source="dev stack")
+        app = create_app(settings)
+        server = make_server("127.0.0.1", port, app, threaded=True)
+        state = {
+            "broker_url": broker_url,
+            "issuer": stack.oidc.url,
+            "client_id": DEV_CLIENT_ID,
+            "provider": DEV_PROVIDER,
+            "sts_url": stack.moto.url,
+            "redis_url": f"redis://127.0.0.1:{stack.redis.port}/0",
+            "users": [u["sub"] for u in DEMO_USERS],
+            "pid": os.getpid(),
+        }
+        state_path = root / STATE_FILE
+        state_path.write_text(json.dumps(state, indent=2))
+
+        def stop(_signum: int, _frame: FrameType | None) -> None:
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, stop)
+        print(_banner(state), flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+            state_path.unlink(missing_ok=True)
+            app.extensions["broker"].close()
+            print("\nstopping the dev stack ...", flush=True)
+    print("stopped; nothing left running.", flush=True)
+    return 0
+
+
+def _banner(state: Mapping[str, Any]) -> str:
+    url = state["broker_url"]
+    return f"""
+Broker dev stack is up.
+  broker        {url}      (health: {url}/readyz)
+  OIDC provider {state["issuer"]}   demo users: {", ".join(state["users"])}
+  STS (moto)    {state["sts_url"]}
+  Redis         {state["redis_url"]}
+
+Next, in another terminal:
+  python3 run.py broker demo-login --user alice          # admin rule (MFA), two roles
+  python3 run.py broker demo-login --user bob            # example-users rule, scoped policy
+  python3 run.py broker demo-login --user mallory        # unverified email: 403
+  open {url}/login in a browser                          # web sign-in (if enabled)
+
+Ctrl-C stops everything.
+"""
+
+
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """Enough TOML for the dev config (tables, arrays of tables, scalars, lists), so the
+    dev stack and the benchmark can hand gunicorn a real config file."""
+
+    def scalar(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, int | float):
+            return repr(value)
+        if isinstance(value, str):
+            return json.dumps(value)
+        if isinstance(value, list):
+            return "[" + ", ".join(scalar(v) for v in value) + "]"
+        if isinstance(value, Mapping):
+            return (
+                "{ " + ", ".join(f"{json.dumps(k)} = {scalar(v)}" for k, v in value.items()) + " }"
+            )
+        raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+    def is_table_list(value: Any) -> bool:
+        return (
+            isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) for v in value)
+        )
+
+    lines: list[str] = []
+
+    def table(prefix: str, node: Mapping[str, Any]) -> None:
+        simple = {
+            k: v for k, v in node.items() if not isinstance(v, Mapping) and not is_table_list(v)
+        }
+        if simple or not prefix:
+            if prefix:
+                lines.append(f"\n[{prefix}]")
+            lines.extend(f"{json.dumps(k)} = {scalar(v)}" for k, v in simple.items())
+        for k, v in node.items():
+            name = f"{prefix}.{json.dumps(k)}" if prefix else json.dumps(k)
+            if isinstance(v, Mapping):
+                table(name, v)
+            elif is_table_list(v):
+                for item in v:
+                    lines.append(f"\n[[{name}]]")
+                    lines.extend(f"{json.dumps(ik)} = {scalar(iv)}" for ik, iv in item.items())
+
+    table("", data)
+    return "\n".join(lines).lstrip() + "\n"
