@@ -1,0 +1,148 @@
+"""The services object: every outside dependency, built once per app from settings.
+
+Web handlers reach dependencies only through ``current_services()`` (stored in
+``app.extensions``), which is also the seam where tests plug in local servers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import redis
+from flask import current_app
+
+from broker import rules
+from broker.credentials import CredentialService
+from broker.errors import RateLimited, UnknownProvider
+from broker.http import Http
+from broker.identity import Identity, IdentityIds
+from broker.providers import build_providers
+from broker.providers.base import IdentityProvider
+from broker.rules import Grant
+from broker.settings import Settings
+from broker.store import Sealer, Store, connect
+from broker.sts import STS, BotocoreSTS, IssuedCredentials
+
+audit_log = logging.getLogger("broker.audit")
+
+EXTENSION_KEY = "broker"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Issued:
+    identity: Identity
+    grant: Grant
+    credentials: IssuedCredentials
+
+
+@dataclass(kw_only=True)
+class Services:
+    settings: Settings
+    store: Store
+    http: Http
+    providers: Mapping[str, IdentityProvider]
+    identity_ids: IdentityIds
+    sts: STS
+    credentials: CredentialService
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        *,
+        redis_client: redis.Redis | None = None,
+        sts: STS | None = None,
+    ) -> Services:
+        store = Store(
+            client=redis_client or connect(settings.redis),
+            prefix=settings.redis.key_prefix,
+            sealer=Sealer(settings.security.encryption_keys),
+        )
+        http = Http()
+        sts = sts or BotocoreSTS(settings.sts)
+        return cls(
+            settings=settings,
+            store=store,
+            http=http,
+            providers=build_providers(settings, http=http, store=store),
+            identity_ids=IdentityIds(
+                key=settings.security.identity_key, region=settings.identity.region
+            ),
+            sts=sts,
+            credentials=CredentialService(
+                sts=sts,
+                store=store,
+                settings=settings.cache,
+                config_version=settings.config_version,
+            ),
+        )
+
+    # -- the shared middle of every flow: verify -> identity -> rules -> credentials ----
+
+    def provider(self, name: str) -> IdentityProvider:
+        try:
+            return self.providers[name]
+        except KeyError:
+            raise UnknownProvider(
+                f"unknown provider; configured: {', '.join(sorted(self.providers))}"
+            ) from None
+
+    def identify(self, provider: str, token: str, *, nonce: str | None = None) -> Identity:
+        verified = self.provider(provider).verify(token, nonce=nonce)
+        return self.identity_ids.identify(verified)
+
+    def allowed_roles(self, identity: Identity) -> tuple[str, ...]:
+        return rules.matching_rule(self.settings.rules, identity).roles
+
+    def issue(
+        self,
+        identity: Identity,
+        *,
+        role_arn: str | None = None,
+        duration_seconds: int | None = None,
+    ) -> Issued:
+        self.limit(
+            "identity", identity.identity_id, self.settings.rate_limit.per_identity_per_minute
+        )
+        grant = rules.decide(
+            self.settings.rules, identity, role_arn=role_arn, duration_seconds=duration_seconds
+        )
+        creds = self.credentials.get(identity, grant)
+        # The audit trail: who got what, under which rule. AccessKeyId is safe to log
+        # (CloudTrail records it too) and lets operators join our log with CloudTrail.
+        audit_log.info(
+            "credentials issued",
+            extra={
+                "audit": {
+                    "event": "credentials_issued",
+                    "identity_id": identity.identity_id,
+                    "provider": identity.provider,
+                    "rule": grant.rule,
+                    "role_arn": grant.role_arn,
+                    "assumed_role_arn": creds.assumed_role_arn,
+                    "access_key_id": creds.access_key_id,
+                    "expiration": creds.credential_process()["Expiration"],
+                    "session_policy": grant.session_policy is not None,
+                }
+            },
+        )
+        return Issued(identity=identity, grant=grant, credentials=creds)
+
+    def limit(self, kind: str, subject: str, per_minute: int) -> None:
+        """Fixed one-minute window per subject, shared by every process through Redis."""
+        if per_minute <= 0:
+            return
+        count = self.store.hit(self.store.key("rate", kind, subject), window=60)
+        if count > per_minute:
+            raise RateLimited(f"more than {per_minute} requests a minute", retry_after=60)
+
+    def close(self) -> None:
+        self.http.close()
+        self.store.client.close()
+
+
+def current_services() -> Services:
+    services: Services = current_app.extensions[EXTENSION_KEY]
+    return services

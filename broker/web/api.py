@@ -1,0 +1,105 @@
+"""The JSON API for mobile backends and apps: provider token in, credentials out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+from broker.errors import BadRequest
+from broker.services import Issued, current_services
+
+blueprint = Blueprint("api", __name__, url_prefix="/v1")
+
+MAX_TOKEN_CHARS = 16 * 1024
+
+
+def json_body(allowed: Mapping[str, type], required: tuple[str, ...]) -> dict[str, Any]:
+    """The request's JSON object, checked against a flat schema. Unknown fields are
+    refused so a misspelt ``role_arn`` is an error, not a silently ignored choice."""
+    if not request.is_json:
+        raise BadRequest("send a JSON body with Content-Type: application/json")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(unknown)}")
+    for name in required:
+        if body.get(name) in (None, ""):
+            raise BadRequest(f"{name} is required")
+    for name, kind in allowed.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        # bool is an int subclass: `"duration_seconds": true` must not mean 1.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise BadRequest(f"{name} must be a {'string' if kind is str else 'number'}")
+    token = body.get("token")
+    if isinstance(token, str) and len(token) > MAX_TOKEN_CHARS:
+        raise BadRequest("token is too long")
+    return body
+
+
+def issued_json(issued: Issued) -> dict[str, Any]:
+    process = issued.credentials.credential_process()
+    return {
+        "identity_id": issued.identity.identity_id,
+        "provider": issued.identity.provider,
+        "role_arn": issued.grant.role_arn,
+        "assumed_role_arn": issued.credentials.assumed_role_arn,
+        "expiration": process["Expiration"],
+        "credentials": process,
+    }
+
+
+@blueprint.before_request
+def _per_ip_limit() -> None:
+    services = current_services()
+    services.limit(
+        "ip", request.remote_addr or "unknown", services.settings.rate_limit.per_ip_per_minute
+    )
+
+
+@blueprint.after_request
+def _no_store(response: Response) -> Response:
+    # Responses carry credentials: no browser, proxy or CDN may keep a copy.
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Pragma"] = "no-cache"
+    return response
+
+
+@blueprint.post("/credentials")
+def credentials() -> Response:
+    body = json_body(
+        {
+            "provider": str,
+            "token": str,
+            "role_arn": str,
+            "duration_seconds": int,
+            "nonce": str,
+        },
+        required=("provider", "token"),
+    )
+    services = current_services()
+    identity = services.identify(body["provider"], body["token"], nonce=body.get("nonce"))
+    issued = services.issue(
+        identity, role_arn=body.get("role_arn"), duration_seconds=body.get("duration_seconds")
+    )
+    return jsonify(issued_json(issued))
+
+
+@blueprint.post("/roles")
+def roles() -> Response:
+    """The roles a token's identity may assume, without minting anything."""
+    body = json_body({"provider": str, "token": str, "nonce": str}, required=("provider", "token"))
+    services = current_services()
+    identity = services.identify(body["provider"], body["token"], nonce=body.get("nonce"))
+    return jsonify(
+        {
+            "identity_id": identity.identity_id,
+            "provider": identity.provider,
+            "roles": list(services.allowed_roles(identity)),
+        }
+    )

@@ -1,0 +1,493 @@
+"""Web sign-in: the browser redirect flow, the pages, and the session's JSON API.
+
+Routes::
+
+    GET  /login                  the configured providers
+    GET  /login/<provider>       302 to the provider (code flow, PKCE S256, state, nonce)
+    GET  /callback/<provider>    code -> token -> verified identity -> new session -> next
+    POST /logout                 (CSRF) session and its cached credentials deleted
+    GET  /                       who you are, the roles your rules allow
+    GET  /credentials            choose a role
+    POST /credentials            (CSRF) the credentials page, never cached
+    GET  /v1/session             the session as JSON (includes the CSRF token)
+    POST /v1/session/credentials (X-CSRF-Token) credentials as JSON, like /v1/credentials
+
+Errors on browser routes render an HTML page with the error's status (never a stack
+trace); errors on ``/v1/session*`` keep the broker's JSON shape.
+
+CSRF: HTML forms carry the session's CSRF token in a hidden field. The JSON endpoint
+requires it in an ``X-CSRF-Token`` header rather than relying on an Origin check: a
+cross-site page cannot set a custom header without a CORS preflight (which the broker
+never grants), browsers omit ``Origin`` in some cases, and a header works the same for
+non-browser clients holding the cookie. The token comes from ``GET /v1/session``, which
+other origins cannot read.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections.abc import Mapping
+from contextlib import suppress
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from flask import (
+    Blueprint,
+    Flask,
+    current_app,
+    jsonify,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from flask.blueprints import BlueprintSetupState
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response
+
+from broker import errors
+from broker.errors import BrokerError
+from broker.oauth_flow import callback_error
+from broker.safe_redirect import safe_next
+from broker.services import Issued, current_services
+from broker.sessions import (
+    WebSession,
+    begin_session,
+    check_csrf,
+    check_csrf_current,
+    current_identity_or_none,
+    end_session,
+    load_session,
+    login_binding,
+    session_ended,
+    session_identity,
+    set_login_binding,
+    web_sso,
+)
+from broker.web.api import issued_json, json_body
+from broker.web.errors import error_response
+
+log = logging.getLogger(__name__)
+audit_log = logging.getLogger("broker.audit")
+
+blueprint = Blueprint("sso", __name__)
+
+# The console blueprint's sign-in view, when that part is installed.
+CONSOLE_ENDPOINT = "console.signin"
+
+
+@blueprint.record_once
+def _connect_console(state: BlueprintSetupState) -> None:
+    """Let the console sign-in part see this part's sessions (its documented seam)."""
+    from broker.web import console
+
+    assert isinstance(state.app, Flask)
+    console.install_session_lookup(
+        state.app,
+        console.SessionLookup(identity=current_identity_or_none, check_csrf=check_csrf_current),
+    )
+
+
+def _is_json_route() -> bool:
+    return request.path.startswith("/v1/")
+
+
+# ---------------------------------------------------------------------- hooks
+
+
+@blueprint.before_request
+def _per_ip_limit() -> None:
+    # Every sign-in start writes a pending login to Redis: bound it per client address.
+    services = current_services()
+    services.limit(
+        "ip", request.remote_addr or "unknown", services.settings.rate_limit.per_ip_per_minute
+    )
+
+
+@blueprint.after_request
+def _no_store(response: Response) -> Response:
+    # Every page here is about one signed-in person (identity, CSRF token, credentials):
+    # no browser history, proxy or CDN may keep a copy.
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Pragma"] = "no-cache"
+    return response
+
+
+@blueprint.errorhandler(BrokerError)
+def _broker_error(exc: BrokerError) -> Response:
+    if exc.status >= 500:
+        log.warning("%s: %s", exc.code, exc.message, exc_info=exc.__cause__ is not None)
+    if _is_json_route():
+        return error_response(exc.code, exc.message, exc.status, exc.retry_after)
+    return _error_page(exc.status, exc.code, exc.message, exc=exc)
+
+
+@blueprint.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    message = (exc.description or exc.name).rstrip(".")
+    if _is_json_route():
+        return error_response("invalid_request" if status == 400 else "http_error", message, status)
+    return _error_page(status, "http_error", message)
+
+
+@blueprint.errorhandler(Exception)
+def _unexpected(_exc: Exception) -> Response:
+    log.exception("unhandled error in the web sign-in")
+    if _is_json_route():
+        return error_response("internal_error", "internal error", 500)
+    return _error_page(500, "internal_error", "internal error")
+
+
+def _error_page(
+    status: int, code: str, message: str, *, exc: BrokerError | None = None
+) -> Response:
+    ws: WebSession | None = None
+    # The error may be Redis itself: the page must render without a session then.
+    with suppress(BrokerError):
+        ws = load_session()
+    provider = ws.provider if ws is not None and isinstance(exc, errors.ExpiredToken) else None
+    response = make_response(
+        render_template(
+            "error.html",
+            ws=ws,
+            status=status,
+            code=code,
+            message=message,
+            sign_in_again=isinstance(exc, errors.ExpiredToken | errors.Unauthenticated),
+            provider=provider,
+            retry_after=exc.retry_after if exc is not None else None,
+        ),
+        status,
+    )
+    if exc is not None and exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _login_redirect(next_path: str) -> Response:
+    query = "" if next_path == "/" else "?" + urlencode({"next": next_path})
+    return redirect(url_for("sso.login_page") + query, 303)
+
+
+def _current_path() -> str:
+    return safe_next(request.full_path.rstrip("?"))
+
+
+def _identity_view(ws: WebSession) -> dict[str, Any]:
+    sso = web_sso()
+    now = sso.clock()
+    return {
+        "provider": ws.provider,
+        "provider_name": sso.display_name(ws.provider),
+        "subject": ws.subject,
+        "email": ws.email,
+        "name": ws.claims.get("name") if isinstance(ws.claims.get("name"), str) else None,
+        "identity_id": sso.services.identity_ids.derive(ws.provider, ws.subject),
+        # Expired with no refresh token: the page offers a new sign-in up front.
+        "token_expired": ws.token_expired(now) and not ws.refresh_token,
+        "token_expires_at": _iso(ws.token_expires_at),
+        "session_expires_at": _iso(
+            min(
+                ws.created_at + sso.settings.session_absolute_seconds,
+                ws.last_seen + sso.settings.session_idle_seconds,
+            )
+        ),
+    }
+
+
+def _roles(ws: WebSession) -> tuple[tuple[str, ...], str | None]:
+    """The roles the rules allow, or none and the reason (shown, not raised)."""
+    services = current_services()
+    try:
+        return services.allowed_roles(web_sso().identity(ws)), None
+    except errors.AccessDenied as exc:
+        return (), exc.message
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _console_available() -> bool:
+    return CONSOLE_ENDPOINT in current_app.view_functions
+
+
+def _duration(value: str | None) -> int | None:
+    if value is None or value.strip() == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise errors.BadRequest("duration_seconds must be a whole number of seconds") from None
+
+
+# ---------------------------------------------------------------------- sign-in
+
+
+@blueprint.get("/login")
+def login_page() -> Response:
+    services = current_services()
+    ws = load_session()
+    next_path = safe_next(request.args.get("next"))
+    providers = [
+        {
+            "name": name,
+            "display_name": provider.display_name,
+            "url": url_for("sso.login_start", provider=name)
+            + ("" if next_path == "/" else "?" + urlencode({"next": next_path})),
+        }
+        for name, provider in services.providers.items()
+        if web_sso().flow.browser_ready(name)
+    ]
+    return make_response(
+        render_template(
+            "login.html",
+            providers=providers,
+            ws=ws,
+            identity=_identity_view(ws) if ws is not None else None,
+            ended=session_ended(),
+            signed_out=request.args.get("signed_out") == "1",
+        )
+    )
+
+
+@blueprint.get("/login/<provider>")
+def login_start(provider: str) -> Response:
+    services = current_services()
+    services.provider(provider)  # UnknownProvider (400) before any state is written
+    sso = web_sso()
+    browser, new_binding = login_binding()
+    url = sso.flow.begin(provider, next_path=safe_next(request.args.get("next")), browser=browser)
+    response = redirect(url, 302)
+    if new_binding:
+        set_login_binding(response, browser)
+    return response
+
+
+@blueprint.get("/callback/<provider>")
+def callback(provider: str) -> Response:
+    services = current_services()
+    services.provider(provider)
+    sso = web_sso()
+    browser = request.cookies.get(sso.login_cookie_name)
+    state = request.args.get("state")
+    error = request.args.get("error")
+    if error is not None:
+        # Use up the state, if it is ours, so this response cannot be replayed later.
+        ours = False
+        with suppress(errors.BadRequest):
+            sso.flow.take(provider, state, browser=browser)
+            ours = True
+        # The provider's free text is shown only for a login this browser started: a
+        # crafted link must not put an attacker's words on our page.
+        description = request.args.get("error_description") if ours else None
+        raise callback_error(error, description, sso.display_name(provider))
+    pending = sso.flow.take(provider, state, browser=browser)
+    tokens = sso.flow.exchange(pending, request.args.get("code"))
+    # The same verification as the JSON API, plus the nonce we sent: an ID token minted
+    # for another login (or replayed from one) fails here.
+    identity = services.identify(provider, tokens.token, nonce=pending.nonce)
+    # 303: the browser follows with a GET, whatever brought it here.
+    response = redirect(safe_next(pending.next_path), 303)
+    begin_session(response, identity.verified, refresh_token=tokens.refresh_token)
+    audit_log.info(
+        "web sign-in",
+        extra={
+            "audit": {
+                "event": "web_sign_in",
+                "identity_id": identity.identity_id,
+                "provider": provider,
+                "refresh_token": tokens.refresh_token is not None,
+            }
+        },
+    )
+    return response
+
+
+@blueprint.post("/logout")
+def logout() -> Response:
+    services = current_services()
+    sso = web_sso()
+    ws = load_session()
+    response = redirect(url_for("sso.login_page", signed_out="1"), 303)
+    if ws is None:
+        # Nothing to protect: just make sure no stale cookie is left behind.
+        end_session(response)
+        return response
+    check_csrf(ws, request.form.get("csrf_token"))
+    identity_id = sso.services.identity_ids.derive(ws.provider, ws.subject)
+    end_session(response)
+    # Cached credentials of this identity go too: signing out means no more handing out.
+    forgotten = services.credentials.forget(identity_id)
+    audit_log.info(
+        "web sign-out",
+        extra={
+            "audit": {
+                "event": "web_sign_out",
+                "identity_id": identity_id,
+                "provider": ws.provider,
+                "cached_credentials_dropped": forgotten,
+            }
+        },
+    )
+    return response
+
+
+# ---------------------------------------------------------------------- pages
+
+
+@blueprint.get("/")
+def home() -> Response:
+    ws = load_session()
+    if ws is None:
+        return _login_redirect("/")
+    roles, denied = _roles(ws)
+    return make_response(
+        render_template(
+            "home.html",
+            ws=ws,
+            identity=_identity_view(ws),
+            roles=roles,
+            denied=denied,
+            console=_console_available(),
+            console_endpoint=CONSOLE_ENDPOINT,
+        )
+    )
+
+
+@blueprint.get("/credentials")
+def credentials_form() -> Response:
+    ws = load_session()
+    if ws is None:
+        return _login_redirect(_current_path())
+    roles, denied = _roles(ws)
+    return make_response(
+        render_template(
+            "choose_role.html",
+            ws=ws,
+            identity=_identity_view(ws),
+            roles=roles,
+            denied=denied,
+            selected=request.args.get("role_arn"),
+        )
+    )
+
+
+@blueprint.post("/credentials")
+def credentials_page() -> Response:
+    ws = load_session()
+    if ws is None:
+        raise errors.Unauthenticated("your session has ended; sign in again")
+    check_csrf(ws, request.form.get("csrf_token"))
+    identity = session_identity(ws)
+    services = current_services()
+    issued = services.issue(
+        identity,
+        role_arn=request.form.get("role_arn") or None,
+        duration_seconds=_duration(request.form.get("duration_seconds")),
+    )
+    return make_response(
+        render_template(
+            "credentials.html",
+            ws=load_session() or ws,
+            identity=_identity_view(ws),
+            issued=issued_json(issued),
+            snippets=snippets(issued, sts_endpoint=services.settings.sts.endpoint_url),
+            console=_console_available(),
+            console_endpoint=CONSOLE_ENDPOINT,
+        )
+    )
+
+
+# ---------------------------------------------------------------------- JSON
+
+
+@blueprint.get("/v1/session")
+def session_json() -> Response:
+    ws = load_session()
+    if ws is None:
+        raise errors.Unauthenticated("no session; sign in at /login")
+    roles, denied = _roles(ws)
+    view = _identity_view(ws)
+    return jsonify(
+        {
+            "identity_id": view["identity_id"],
+            "provider": ws.provider,
+            "subject": ws.subject,
+            "email": ws.email,
+            "roles": list(roles),
+            "denied": denied,
+            "token_expired": view["token_expired"],
+            "token_expires_at": view["token_expires_at"],
+            "session_expires_at": view["session_expires_at"],
+            # Readable only by this origin (no CORS): scripts and CLI clients holding the
+            # cookie send it back in X-CSRF-Token.
+            "csrf_token": ws.csrf_token,
+        }
+    )
+
+
+@blueprint.post("/v1/session/credentials")
+def session_credentials() -> Response:
+    ws = load_session()
+    if ws is None:
+        raise errors.Unauthenticated("no session; sign in at /login")
+    check_csrf(ws, request.headers.get("X-CSRF-Token"))
+    body = json_body({"role_arn": str, "duration_seconds": int}, required=())
+    identity = session_identity(ws)
+    issued = current_services().issue(
+        identity, role_arn=body.get("role_arn"), duration_seconds=body.get("duration_seconds")
+    )
+    return jsonify(issued_json(issued))
+
+
+# ---------------------------------------------------------------------- snippets
+
+
+def _profile_name(role_arn: str) -> str:
+    name = role_arn.rsplit("/", 1)[-1]
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "broker"
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return host in {"localhost", "127.0.0.1", "::1"}
+
+
+def snippets(issued: Issued, *, sts_endpoint: str | None = None) -> Mapping[str, str]:
+    """Ready-to-paste text for sh, PowerShell and ``~/.aws/credentials``.
+
+    Values are quoted for their shell even though AWS keys are plain base64: the page
+    must never produce a command that does something other than set a variable.
+    """
+    c = issued.credentials
+    pairs = [
+        ("AWS_ACCESS_KEY_ID", c.access_key_id),
+        ("AWS_SECRET_ACCESS_KEY", c.secret_access_key),
+        ("AWS_SESSION_TOKEN", c.session_token),
+    ]
+    # The dev stack's STS is moto on localhost: credentials only work against it, so
+    # say so in the snippets. Never for a real endpoint (it would redirect every service).
+    endpoint = sts_endpoint if sts_endpoint and _is_loopback(sts_endpoint) else None
+    sh = [f"export {k}={shlex.quote(v)}" for k, v in pairs]
+    ps = [f"$Env:{k} = '{v.replace(chr(39), chr(39) * 2)}'" for k, v in pairs]
+    profile_name = _profile_name(issued.grant.role_arn)
+    profile = [
+        f"[{profile_name}]",
+        f"aws_access_key_id = {c.access_key_id}",
+        f"aws_secret_access_key = {c.secret_access_key}",
+        f"aws_session_token = {c.session_token}",
+    ]
+    if endpoint:
+        sh.append(f"export AWS_ENDPOINT_URL={shlex.quote(endpoint)}  # dev stack only")
+        ps.append(f"$Env:AWS_ENDPOINT_URL = '{endpoint}'  # dev stack only")
+        # endpoint_url is a ~/.aws/config setting; the credentials file ignores it.
+        profile.append(f"# ~/.aws/config, [profile {profile_name}]: endpoint_url = {endpoint}")
+    return {"sh": "\n".join(sh), "powershell": "\n".join(ps), "profile": "\n".join(profile)}

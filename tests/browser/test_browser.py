@@ -1,0 +1,225 @@
+"""A real browser clicks through the sign-in: headless Chromium, driven by Selenium.
+
+Debian's ``chromium`` and ``chromium-driver`` packages are used, never a downloaded
+browser: when they are missing and we run as root with apt, the test installs them
+(once, generously timed). It is skipped, with the reason shown, only where no browser
+can be installed. Selenium itself is installed into this interpreter if missing.
+
+The page is checked the way a person would use it: providers listed, the provider's
+sign-in form, the roles page, the credentials page with its copy buttons and countdown
+(so the script ran under the strict CSP), and sign-out. A screenshot of the credentials
+page is saved under ``tests/artifacts/``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.devstack.oidc_server import DEMO_USERS
+from broker.devstack.stack import ADMIN_ROLE
+from tests.conftest import LiveBroker
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+APT_TIMEOUT_SECONDS = 1200
+PIP_TIMEOUT_SECONDS = 300
+WAIT_SECONDS = 20
+
+BROWSER_NAMES = ("chromium", "chromium-browser")
+DRIVER_NAMES = ("chromedriver",)
+DRIVER_PATHS = ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",  # root in a container: the setuid sandbox cannot start
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1500",
+    # Hermetic: nothing but the local servers resolves (the provider mock's page links a
+    # CDN stylesheet, which then fails at once instead of hanging the page load).
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+)
+
+
+def _which(names: tuple[str, ...], paths: tuple[str, ...] = ()) -> str | None:
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    return next((p for p in paths if Path(p).is_file()), None)
+
+
+def _installed() -> tuple[str, str] | None:
+    browser = _which(BROWSER_NAMES)
+    driver = _which(DRIVER_NAMES, DRIVER_PATHS)
+    return (browser, driver) if browser and driver else None
+
+
+def _apt_install() -> str | None:
+    """Install Debian's chromium + chromium-driver; the reason it failed, or None."""
+    if not shutil.which("apt-get"):
+        return "no apt-get on this system to install Debian's chromium"
+    if os.geteuid() != 0:
+        return "chromium is not installed and installing it needs root (apt-get)"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (
+        ["apt-get", "update"],
+        ["apt-get", "install", "-y", "--no-install-recommends", "chromium", "chromium-driver"],
+    ):
+        try:
+            done = subprocess.run(
+                argv,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=APT_TIMEOUT_SECONDS,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"`{' '.join(argv)}` failed: {exc}"
+        if done.returncode != 0:
+            return f"`{' '.join(argv)}` exited {done.returncode}: {done.stderr.strip()[-500:]}"
+    return None
+
+
+def _ensure_selenium() -> None:
+    try:
+        importlib.import_module("selenium.webdriver")
+    except ImportError:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "selenium>=4.20"],
+            check=True,
+            timeout=PIP_TIMEOUT_SECONDS,
+        )
+        importlib.invalidate_caches()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> tuple[str, str]:
+    found = _installed()
+    if found is None:
+        reason = _apt_install()
+        found = _installed()
+        if found is None:
+            pytest.skip(f"no browser available: {reason or 'chromium still not found'}")
+    _ensure_selenium()
+    return found
+
+
+@pytest.fixture
+def driver(
+    chromium: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    # Belt and braces: Selenium Manager must never try to fetch a browser or driver.
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    monkeypatch.setenv("SE_AVOID_STATS", "true")
+    browser_path, driver_path = chromium
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser_path
+    options.page_load_strategy = "eager"
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = Service(executable_path=driver_path, log_output=str(tmp_path / "chromedriver.log"))
+    drv = webdriver.Chrome(options=options, service=service)
+    drv.set_page_load_timeout(WAIT_SECONDS)
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+def _alice() -> str:
+    return next(str(u["sub"]) for u in DEMO_USERS if str(u["sub"]).split("@")[0] == "alice")
+
+
+def test_sign_in_to_credentials_in_chromium(driver: Any, broker: LiveBroker) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, WAIT_SECONDS)
+
+    # 1. The broker's sign-in page lists the provider.
+    driver.get(f"{broker.url}/login")
+    assert driver.title.startswith("Sign in")
+    driver.find_element(By.ID, "provider-demo").click()
+
+    # 2. The local provider's sign-in form: sign in as alice.
+    wait.until(ec.url_contains(broker.stack.oidc.url))
+    sub = _alice()
+    buttons = driver.find_elements(By.CSS_SELECTOR, f'button[name="sub"][value="{sub}"]')
+    if buttons:
+        buttons[0].click()
+    else:
+        field = driver.find_element(By.CSS_SELECTOR, 'input[name="sub"]')
+        field.send_keys(sub)
+        field.submit()
+
+    # 3. Back at the broker, signed in: who we are and the roles.
+    wait.until(ec.url_to_be(f"{broker.url}/"))
+    assert driver.find_element(By.ID, "subject").text == sub
+    role_buttons = driver.find_elements(By.NAME, "get-credentials")
+    assert len(role_buttons) == 2
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / "home-page.png"))
+    # The first role row is the admin role (rule order).
+    assert ADMIN_ROLE in driver.find_element(By.CSS_SELECTOR, "code.role").text
+    role_buttons[0].click()
+
+    # 4. The credentials page: keys, snippets, a running countdown (our script ran).
+    access_key = wait.until(ec.presence_of_element_located((By.ID, "access-key-id"))).text
+    assert access_key.startswith(("ASIA", "AKIA"))
+    assert f"export AWS_ACCESS_KEY_ID={access_key}" in driver.find_element(By.ID, "snippet-sh").text
+    wait.until(lambda d: "left" in d.find_element(By.ID, "countdown").text)
+
+    # The copy button puts the key on the clipboard.
+    driver.execute_cdp_cmd(
+        "Browser.grantPermissions",
+        {
+            "origin": broker.url,
+            "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"],
+        },
+    )
+    copy = driver.find_element(By.CSS_SELECTOR, 'button[data-copy="access-key-id"]')
+    copy.click()
+    wait.until(lambda _driver: "Copied" in copy.text)
+    pasted = driver.execute_async_script(
+        "const done = arguments[0];"
+        "navigator.clipboard.readText().then(done, (e) => done('error: ' + e));"
+    )
+    assert pasted == access_key
+
+    screenshot = ARTIFACTS / "credentials-page.png"
+    assert driver.save_screenshot(str(screenshot))
+    assert screenshot.stat().st_size > 10_000
+
+    # Nothing on our pages tripped the Content-Security-Policy.
+    logs = driver.get_log("browser")
+    violations = [e["message"] for e in logs if "Content Security Policy" in e["message"]]
+    assert not violations, violations
+
+    # 5. Sign out: back to the sign-in page, signed out.
+    driver.find_element(By.CSS_SELECTOR, "header form button").click()
+    wait.until(ec.presence_of_element_located((By.ID, "signed-out")))
+    driver.get(f"{broker.url}/")
+    wait.until(ec.url_contains("/login"))

@@ -1,0 +1,80 @@
+"""Shared fixtures: one real local stack per test session (redis-server, moto with IAM
+auth on, the OIDC provider), and a live broker on a real socket per test."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from broker.app import create_app
+from broker.devstack.processes import free_port
+from broker.devstack.stack import DEV_CLIENT_ID, Stack, local_stack
+from broker.services import Services
+from broker.settings import Settings, settings_from_mapping
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with local_stack(tmp_path_factory.mktemp("stack")) as s:
+        yield s
+
+
+@dataclass
+class LiveBroker:
+    url: str
+    settings: Settings
+    services: Services
+    stack: Stack
+
+    def post(self, path: str, body: Any, **kwargs: Any) -> requests.Response:
+        return requests.post(f"{self.url}{path}", json=body, timeout=30, **kwargs)
+
+    def id_token(self, subject: str, *, nonce: str | None = None) -> str:
+        from broker.devstack.oidc_login import login
+
+        return login(
+            self.stack.oidc.url, subject=subject, client_id=DEV_CLIENT_ID, nonce=nonce
+        ).id_token
+
+
+def make_settings(stack: Stack, url: str, **overrides: Any) -> Settings:
+    config = stack.config(url)
+    # A fresh key prefix per test keeps tests independent on the shared Redis.
+    config["redis"]["key_prefix"] = f"test:{uuid.uuid4().hex[:8]}:"
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(config.get(section), dict):
+            config[section].update(values)
+        else:
+            config[section] = values
+    return settings_from_mapping(config, env={}, base_dir=Path.cwd(), source="test")
+
+
+def serve(settings: Settings, stack: Stack, port: int) -> Iterator[LiveBroker]:
+    services = Services.build(settings)
+    app = create_app(services=services)
+    server: BaseWSGIServer = make_server("127.0.0.1", port, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield LiveBroker(
+            url=f"http://127.0.0.1:{port}", settings=settings, services=services, stack=stack
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+        services.close()
+
+
+@pytest.fixture
+def broker(stack: Stack) -> Iterator[LiveBroker]:
+    port = free_port()
+    yield from serve(make_settings(stack, f"http://127.0.0.1:{port}"), stack, port)
