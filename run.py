@@ -53,6 +53,14 @@ def _run(*argv: str) -> int:
     return subprocess.run(list(argv), cwd=ROOT, check=False).returncode
 
 
+def _exec(*argv: str) -> int:
+    """Become the command: Ctrl-C and SIGTERM then reach it directly, so it can stop what
+    it started (subprocess.run would SIGKILL it on Ctrl-C and orphan its children)."""
+    os.chdir(ROOT)
+    sys.stdout.flush()
+    os.execv(argv[0], list(argv))  # noqa: S606 - fixed argv, no shell by design
+
+
 def check() -> int:
     for step in (
         [str(BIN / "ruff"), "check", "."],
@@ -75,17 +83,17 @@ def main(argv: list[str]) -> int:
         return 2
     ensure_venv()
     if command == "dev":
-        return _run(str(BIN / "broker"), "dev", *rest)
+        return _exec(str(BIN / "broker"), "dev", *rest)
     if command == "broker":
-        return _run(str(BIN / "broker"), *rest)
+        return _exec(str(BIN / "broker"), *rest)
     if command == "check":
         return check()
     if command == "bench":
-        return _run(str(PY), "bench/credentials_bench.py", *rest)
+        return _exec(str(PY), "bench/credentials_bench.py", *rest)
     if rc := check():
         return rc
-    print("$ pytest", *rest)
-    return _run(str(PY), "-m", "pytest", *rest)
+    print("$ pytest", *rest, flush=True)
+    return _exec(str(PY), "-m", "pytest", *rest)
 
 
 if __name__ == "__main__":

@@ -59,14 +59,16 @@ def cmd_demo_login(args: argparse.Namespace) -> int:
     try:
         result = demo_login(
             user=args.user,
+            provider=args.provider,
             role_arn=args.role_arn,
             duration_seconds=args.duration,
+            console=args.console,
             workdir=args.workdir,
         )
     except RuntimeError as exc:
         print(f"demo-login: {exc}", file=sys.stderr)
         return 1
-    output: Any = result["credentials"] if args.credential_process else result
+    output: Any = result["credentials"] if args.credential_process and not args.console else result
     print(json.dumps(output, indent=None if args.credential_process else 2))
     return 0
 
@@ -105,11 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo-login",
-        help="log a demo user in at the dev stack's OIDC provider and fetch credentials",
+        help="sign a demo user in at a dev stack provider and fetch credentials",
     )
-    p.add_argument("--user", default="alice", help="demo user: alice, bob or mallory")
+    p.add_argument("--user", default="alice", help="demo user: alice, bob, carol or mallory")
+    p.add_argument(
+        "--provider",
+        default="demo",
+        choices=("demo", "amazon", "facebook"),
+        help="demo (OpenID Connect), amazon (Login with Amazon) or facebook",
+    )
     p.add_argument("--role-arn", default=None)
-    p.add_argument("--duration", type=int, default=None, help="DurationSeconds")
+    p.add_argument(
+        "--duration",
+        type=int,
+        default=None,
+        help="DurationSeconds (SessionDuration with --console)",
+    )
+    p.add_argument(
+        "--console", action="store_true", help="ask for an AWS console sign-in URL instead"
+    )
     p.add_argument("--workdir", default=".devstack")
     p.add_argument(
         "--credential-process",

@@ -1,7 +1,10 @@
 """``broker demo-login``: what a mobile backend does, from a terminal.
 
-Logs a demo user in at the dev stack's OIDC provider (authorization code flow over
-HTTP), then calls ``POST /v1/credentials`` on the broker exactly as a backend would.
+Signs a demo user in at one of the dev stack's providers, the way the app's SDK would:
+the OIDC provider by the authorization code flow over HTTP (an ID token), Login with
+Amazon and Facebook by their stand-ins' demo token endpoint (an access token). Then it
+calls ``POST /v1/credentials`` (or ``POST /v1/console-url``) on the broker exactly as a
+backend would.
 """
 
 from __future__ import annotations
@@ -16,31 +19,58 @@ import requests
 from broker.devstack.oidc_login import login
 from broker.devstack.stack import STATE_FILE
 
+PROVIDERS = ("demo", "amazon", "facebook")
 
-def demo_login(
-    *,
-    user: str,
-    role_arn: str | None = None,
-    duration_seconds: int | None = None,
-    workdir: str = ".devstack",
-) -> dict[str, Any]:
+
+def _state(workdir: str) -> dict[str, Any]:
     state_path = Path(workdir) / STATE_FILE
     if not state_path.exists():
         raise RuntimeError(
             f"no running dev stack found ({state_path}); start one with `python3 run.py dev`"
         )
-    state = json.loads(state_path.read_text())
-    subject = next((u for u in state["users"] if u == user or u.split("@")[0] == user), None)
-    if subject is None:
-        raise RuntimeError(f"unknown demo user {user!r}; try one of {', '.join(state['users'])}")
-    nonce = secrets.token_urlsafe(16)
-    tokens = login(state["issuer"], subject=subject, client_id=state["client_id"], nonce=nonce)
-    body: dict[str, Any] = {"provider": state["provider"], "token": tokens.id_token, "nonce": nonce}
+    state: dict[str, Any] = json.loads(state_path.read_text())
+    return state
+
+
+def provider_token(state: dict[str, Any], provider: str, user: str) -> dict[str, Any]:
+    """The request body fields a mobile backend would send for ``user`` at ``provider``."""
+    if provider == "demo":
+        subject = next((u for u in state["users"] if user in (u, u.partition("@")[0])), None)
+        if subject is None:
+            raise RuntimeError(
+                f"unknown demo user {user!r}; try one of {', '.join(state['users'])}"
+            )
+        nonce = secrets.token_urlsafe(16)
+        tokens = login(state["issuer"], subject=subject, client_id=state["client_id"], nonce=nonce)
+        return {"provider": state["provider"], "token": tokens.id_token, "nonce": nonce}
+    if provider in ("amazon", "facebook"):
+        response = requests.post(
+            f"{state[f'{provider}_url']}/_demo/token", json={"user": user}, timeout=10
+        )
+        if response.status_code != 200:
+            raise RuntimeError(f"the local {provider} refused demo user {user!r}: {response.text}")
+        return {"provider": provider, "token": response.json()["access_token"]}
+    raise RuntimeError(f"unknown provider {provider!r}; try one of {', '.join(PROVIDERS)}")
+
+
+def demo_login(
+    *,
+    user: str,
+    provider: str = "demo",
+    role_arn: str | None = None,
+    duration_seconds: int | None = None,
+    console: bool = False,
+    workdir: str = ".devstack",
+) -> dict[str, Any]:
+    state = _state(workdir)
+    social_user = user.partition("@")[0]  # the stand-ins know their users by first name
+    body = provider_token(state, provider, user if provider == "demo" else social_user)
     if role_arn:
         body["role_arn"] = role_arn
     if duration_seconds:
-        body["duration_seconds"] = duration_seconds
-    response = requests.post(f"{state['broker_url']}/v1/credentials", json=body, timeout=30)
+        body["duration_seconds" if not console else "session_duration"] = duration_seconds
+    path = "/v1/console-url" if console else "/v1/credentials"
+    response = requests.post(f"{state['broker_url']}{path}", json=body, timeout=30)
     result: dict[str, Any] = response.json()
     if response.status_code != 200:
         raise RuntimeError(f"broker answered {response.status_code}: {json.dumps(result)}")

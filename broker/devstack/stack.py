@@ -1,4 +1,5 @@
-"""The embedded dev stack: real local Redis, STS (moto) and OIDC provider, plus the broker.
+"""The embedded dev stack: real local Redis, STS (moto), an OIDC provider, Login with
+Amazon and Facebook stand-ins and the AWS federation endpoint, plus the broker.
 
 ``broker dev`` starts everything on free ports, wires the broker to it with an example
 rule set, prints what to do next and stops it all on Ctrl-C, leaving nothing running.
@@ -20,13 +21,16 @@ from typing import Any
 
 from werkzeug.serving import make_server
 
+from broker.devstack.federation_server import FederationServer, start_federation_server
 from broker.devstack.moto_server import RoleSpec, seed_aws, start_moto
 from broker.devstack.oidc_server import DEMO_USERS, start_oidc_provider
 from broker.devstack.processes import ManagedProcess, free_port
 from broker.devstack.redis_server import start_redis
+from broker.devstack.social_servers import SocialServers, start_social_servers
 
 DEV_CLIENT_ID = "broker-demo"
 DEV_PROVIDER = "demo"
+SOCIAL_PROVIDERS = ("amazon", "facebook")
 ACCOUNT_ID = "123456789012"  # moto's default account
 DEMO_BUCKET = "broker-demo-bucket"
 OTHER_BUCKET = "broker-other-bucket"
@@ -84,9 +88,13 @@ def dev_config(
     issuer: str,
     keys: Mapping[str, str],
     extra_providers: Mapping[str, Any] | None = None,
+    federation_url: str | None = None,
 ) -> dict[str, Any]:
-    """The example configuration the dev stack runs with (and the tests start from)."""
-    return {
+    """The example configuration the dev stack runs with (and the tests start from).
+
+    ``extra_providers`` named ``amazon``/``facebook`` get the social example rule."""
+    social = [name for name in SOCIAL_PROVIDERS if name in (extra_providers or {})]
+    config: dict[str, Any] = {
         "server": {"public_url": broker_url},
         "redis": {"url": redis_url, "key_prefix": "broker-dev:"},
         "security": {
@@ -142,6 +150,22 @@ def dev_config(
             },
         ],
     }
+    if social:
+        # Login with Amazon and Facebook carry no email_verified claim: both only
+        # release addresses their owners confirmed, so the rule does not ask for it.
+        config["rules"].append(
+            {
+                "name": "social-example-users",
+                "providers": social,
+                "conditions": [{"claim": "email", "op": "glob", "value": "*@example.com"}],
+                "roles": [USER_ROLE],
+                "max_duration_seconds": 3600,
+                "session_policy": config["rules"][1]["session_policy"],
+            }
+        )
+    if federation_url:
+        config["console"] = {"federation_url": federation_url}
+    return config
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,23 +174,33 @@ class Stack:
     redis: ManagedProcess
     moto: ManagedProcess
     oidc: ManagedProcess
+    social: SocialServers
+    federation: FederationServer
     keys: Mapping[str, str]
 
-    def config(self, broker_url: str, **kwargs: Any) -> dict[str, Any]:
+    def config(self, broker_url: str, *, social: bool = False) -> dict[str, Any]:
+        """The dev configuration; ``social`` adds the Login with Amazon and Facebook
+        providers (Limited Login on) served by the local stand-ins."""
+        extra = (
+            self.social.provider_config(limited_login=True, limited_login_sts_ready=True)
+            if social
+            else None
+        )
         return dev_config(
             broker_url=broker_url,
             redis_url=f"redis://127.0.0.1:{self.redis.port}/0",
             sts_url=self.moto.url,
             issuer=self.oidc.url,
             keys=self.keys,
-            **kwargs,
+            extra_providers=extra,
+            federation_url=self.federation.url,
         )
 
 
 @contextmanager
 def local_stack(workdir: Path) -> Iterator[Stack]:
-    """Redis, moto (IAM auth on, demo roles seeded) and the OIDC provider, all stopped
-    on exit whatever happens."""
+    """Redis, moto (IAM auth on, demo roles seeded), the OIDC provider, the social
+    stand-ins and the federation endpoint, all stopped on exit whatever happens."""
     workdir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         redis = start_redis(workdir)
@@ -176,7 +210,19 @@ def local_stack(workdir: Path) -> Iterator[Stack]:
         seed_aws(moto.url, DEV_ROLES, buckets=(DEMO_BUCKET, OTHER_BUCKET))
         oidc = start_oidc_provider(workdir)
         stack.callback(oidc.stop)
-        yield Stack(workdir=workdir, redis=redis, moto=moto, oidc=oidc, keys=_dev_keys(workdir))
+        social = start_social_servers()
+        stack.callback(social.stop)
+        federation = start_federation_server(sts_url=moto.url)
+        stack.callback(federation.stop)
+        yield Stack(
+            workdir=workdir,
+            redis=redis,
+            moto=moto,
+            oidc=oidc,
+            social=social,
+            federation=federation,
+            keys=_dev_keys(workdir),
+        )
 
 
 def run_dev(*, port: int, workdir: str) -> int:
@@ -186,10 +232,10 @@ def run_dev(*, port: int, workdir: str) -> int:
     root = Path(workdir).resolve()
     port = port or free_port()
     broker_url = f"http://127.0.0.1:{port}"
-    print("starting the dev stack (Redis, STS, OIDC provider) ...", flush=True)
+    print("starting the dev stack (Redis, STS, OIDC provider, social, federation) ...", flush=True)
     with local_stack(root / "run") as stack:
         # Environment overrides apply to the dev stack too (e.g. BROKER_RATE_LIMIT__...).
-        settings = settings_from_mapping(stack.config(broker_url), source="dev stack")
+        settings = settings_from_mapping(stack.config(broker_url, social=True), source="dev stack")
         app = create_app(settings)
         server = make_server("127.0.0.1", port, app, threaded=True)
         state = {
@@ -200,6 +246,9 @@ def run_dev(*, port: int, workdir: str) -> int:
             "sts_url": stack.moto.url,
             "redis_url": f"redis://127.0.0.1:{stack.redis.port}/0",
             "users": [u["sub"] for u in DEMO_USERS],
+            "amazon_url": stack.social.amazon.url,
+            "facebook_url": stack.social.facebook.url,
+            "federation_url": stack.federation.url,
             "pid": os.getpid(),
         }
         state_path = root / STATE_FILE
@@ -229,14 +278,20 @@ def _banner(state: Mapping[str, Any]) -> str:
 Broker dev stack is up.
   broker        {url}      (health: {url}/readyz)
   OIDC provider {state["issuer"]}   demo users: {", ".join(state["users"])}
+  Amazon (LWA)  {state["amazon_url"]}   demo users: alice, bob, mallory
+  Facebook      {state["facebook_url"]}   demo users: alice, bob, mallory
   STS (moto)    {state["sts_url"]}
+  Federation    {state["federation_url"]}
   Redis         {state["redis_url"]}
 
 Next, in another terminal:
   python3 run.py broker demo-login --user alice          # admin rule (MFA), two roles
   python3 run.py broker demo-login --user bob            # example-users rule, scoped policy
   python3 run.py broker demo-login --user mallory        # unverified email: 403
-  open {url}/login in a browser                          # web sign-in (if enabled)
+  python3 run.py broker demo-login --provider amazon --user bob     # Login with Amazon
+  python3 run.py broker demo-login --provider facebook --user bob   # Facebook
+  python3 run.py broker demo-login --user alice --console           # console sign-in URL
+Or open {url}/login in a browser and pick a demo user (no passwords in the dev stack).
 
 Ctrl-C stops everything.
 """
