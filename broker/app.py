@@ -17,10 +17,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     settings = services.settings
 
     app = Flask("broker")
-    app.config.update(
-        MAX_CONTENT_LENGTH=settings.server.max_body_bytes,
-        JSON_SORT_KEYS=False,
-    )
+    app.config.update(MAX_CONTENT_LENGTH=settings.server.max_body_bytes)
     if settings.server.trusted_proxies:
         # Only behind a known number of proxies may X-Forwarded-* be believed; otherwise a
         # client could pick its own address and dodge per-IP rate limits.

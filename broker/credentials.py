@@ -27,6 +27,7 @@ import redis.exceptions
 
 from broker.errors import DependencyUnavailable
 from broker.identity import Identity
+from broker.memo import ExpiringCache
 from broker.policy import session_name
 from broker.rules import Grant
 from broker.settings import CacheSettings
@@ -35,6 +36,7 @@ from broker.sts import STS, AssumeRequest, IssuedCredentials
 
 # Followers poll the cache while the leader waits on STS: fast at first (STS usually
 # answers in well under a second), backing off so a slow STS is not met with a storm.
+LOCAL_CACHE_ENTRIES = 10_000
 _POLL_FIRST_SECONDS = 0.01
 _POLL_MAX_SECONDS = 0.1
 # What a caller is told when the leader is still waiting on STS after lock_wait_seconds.
@@ -66,6 +68,10 @@ class CredentialService:
         self._settings = settings
         self._config_version = config_version
         self._clock = clock
+        # The per-worker layer in front of Redis; see CacheSettings.local_seconds.
+        self._local: ExpiringCache[str, IssuedCredentials] = ExpiringCache(
+            max_entries=LOCAL_CACHE_ENTRIES if settings.local_seconds else 0, clock=clock
+        )
 
     def get(self, identity: Identity, grant: Grant) -> IssuedCredentials:
         request = AssumeRequest(
@@ -118,7 +124,11 @@ class CredentialService:
             poll = min(poll * 2, _POLL_MAX_SECONDS)
 
     def forget(self, identity_id: str) -> int:
-        """Drop every cached credential of one identity; returns how many were dropped."""
+        """Drop every cached credential of one identity; returns how many were dropped.
+
+        Other workers may still serve their in-memory copy for up to
+        ``cache.local_seconds``."""
+        self._local.clear()  # this worker's copies of any identity: simple and cheap
         index = self._index_key(identity_id)
         with _redis_errors():
             members = self._store.client.smembers(index)
@@ -149,6 +159,9 @@ class CredentialService:
         return self._store.key("creds-index", identity_id)
 
     def _cached(self, key: str) -> IssuedCredentials | None:
+        local = self._local.get(key)
+        if local is not None:
+            return local
         value = self._store.get_sealed(key)
         if value is None:
             return None
@@ -160,7 +173,16 @@ class CredentialService:
         # between broker nodes and Redis.
         if self._remaining(issued) <= 0:
             return None
+        self._remember(key, issued)
         return issued
+
+    def _remember(self, key: str, issued: IssuedCredentials) -> None:
+        now = self._clock()
+        self._local.put(
+            key,
+            issued,
+            expires_at=min(now + self._settings.local_seconds, now + self._remaining(issued)),
+        )
 
     def _remaining(self, issued: IssuedCredentials) -> float:
         """Seconds the credentials may still be handed out."""
@@ -176,6 +198,7 @@ class CredentialService:
                 _INDEX_ADD, 1, self._index_key(identity_id), key, math.ceil(ttl * 1000)
             )
         self._store.set_sealed(key, _encode(issued), ttl=ttl)
+        self._remember(key, issued)
 
 
 @contextmanager

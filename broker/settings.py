@@ -102,6 +102,10 @@ class CacheSettings:
     safety_margin_seconds: int
     lock_timeout_seconds: float  # how long a singleflight lock may be held
     lock_wait_seconds: float  # how long a follower waits for the leader's result
+    # How long one worker may serve credentials from its own memory before asking
+    # Redis again (0: always ask Redis). Bounds how stale a worker's view of a
+    # forget() (logout) made by another worker can be.
+    local_seconds: int = 30
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -484,6 +488,7 @@ def _cache(r: _Reader) -> CacheSettings:
         safety_margin_seconds=r.integer("safety_margin_seconds", 300, lo=0, hi=3600),
         lock_timeout_seconds=r.number("lock_timeout_seconds", 15.0, lo=1, hi=120),
         lock_wait_seconds=r.number("lock_wait_seconds", 20.0, lo=1, hi=120),
+        local_seconds=r.integer("local_seconds", 30, lo=0, hi=300),
     )
     r.finish()
     return s

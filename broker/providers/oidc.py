@@ -18,6 +18,7 @@ whose ``issuer`` must be one of the configured issuers (OpenID Connect Discovery
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import threading
@@ -32,6 +33,7 @@ from broker import errors
 from broker.http import Http
 from broker.identity import VerifiedClaims, VerifiedToken
 from broker.jwks import ASYMMETRIC_ALGORITHMS, JWKSCache, MalformedDocument, RemoteDocument
+from broker.memo import ExpiringCache
 from broker.providers.base import IdentityProvider
 from broker.settings import OIDCProviderSettings
 from broker.store import Store
@@ -43,6 +45,11 @@ log = logging.getLogger(__name__)
 MAX_TOKEN_LENGTH = 16 * 1024
 
 REQUIRED_CLAIMS = ["iss", "aud", "exp", "iat", "sub"]
+
+# Tokens verified recently, per worker: a mobile app presents the same ID token for
+# its whole life (about an hour), and re-checking an RSA signature each time is most of
+# the cost of a cached credentials request.
+VERIFIED_CACHE_ENTRIES = 10_000
 
 
 class OIDCProvider(IdentityProvider):
@@ -74,6 +81,9 @@ class OIDCProvider(IdentityProvider):
             raise errors.ConfigurationError(
                 f"provider {self.name!r}: issuers and client_ids must not be empty"
             )
+        self._verified: ExpiringCache[bytes, VerifiedToken] = ExpiringCache(
+            max_entries=VERIFIED_CACHE_ENTRIES, clock=clock
+        )
         self._jwks_lock = threading.Lock()
         self._jwks: JWKSCache | None = None
         self._discovery: RemoteDocument[str] | None = None
@@ -104,12 +114,40 @@ class OIDCProvider(IdentityProvider):
             # Without the nonce we sent, a token stolen from another login could be
             # replayed here; this provider is configured to refuse that outright.
             raise errors.InvalidToken("a nonce is required for this provider")
-
-        # Step 1: bound the work, then read the (still unverified) header.
         if not token:
             raise errors.InvalidToken("token is empty")
         if len(token) > MAX_TOKEN_LENGTH:
             raise errors.InvalidToken("token is too large")
+
+        # Only a token that passed steps 1-5 is remembered, by its SHA-256 and never
+        # past its exp (no leeway) or the JWKS cache lifetime (so a key withdrawn by
+        # the provider stops working here as soon as it would without this cache).
+        digest = hashlib.sha256(token.encode()).digest()
+        verified = self._verified.get(digest)
+        if verified is None:
+            verified = self._verify_signed(token)
+            self._verified.put(
+                digest,
+                verified,
+                expires_at=min(
+                    verified.expires_at, self._clock() + self._settings.jwks_cache_seconds
+                ),
+            )
+
+        # Step 6: nonce, in constant time (it is a secret bound to the browser session).
+        # Checked on every call: the same token may come with another caller's nonce.
+        if nonce is not None:
+            token_nonce = verified.claims.get("nonce")
+            if not isinstance(token_nonce, str):
+                raise errors.InvalidToken("token has no nonce")
+            if not hmac.compare_digest(token_nonce.encode(), nonce.encode()):
+                raise errors.InvalidToken("wrong nonce")
+        return verified
+
+    def _verify_signed(self, token: str) -> VerifiedToken:
+        """Steps 1-5 of OIDC Core 3.1.3.7 and the subject: everything but the nonce."""
+        s = self._settings
+        # Step 1: read the (still unverified) header; the size was bounded by the caller.
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -148,14 +186,6 @@ class OIDCProvider(IdentityProvider):
             raise errors.InvalidToken("token has several audiences but no azp")
         if azp is not None and azp not in s.client_ids:
             raise errors.InvalidToken("wrong authorized party (azp)")
-
-        # Step 6: nonce, in constant time (it is a secret bound to the browser session).
-        if nonce is not None:
-            token_nonce = claims.get("nonce")
-            if not isinstance(token_nonce, str):
-                raise errors.InvalidToken("token has no nonce")
-            if not hmac.compare_digest(token_nonce.encode(), nonce.encode()):
-                raise errors.InvalidToken("wrong nonce")
 
         subject = claims["sub"]
         if not isinstance(subject, str) or not subject:

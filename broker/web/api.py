@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from broker.errors import BadRequest
 from broker.services import Issued, current_services
+from broker.web.security_headers import no_store
 
 blueprint = Blueprint("api", __name__, url_prefix="/v1")
 
@@ -20,7 +22,16 @@ def json_body(allowed: Mapping[str, type], required: tuple[str, ...]) -> dict[st
     refused so a misspelt ``role_arn`` is an error, not a silently ignored choice."""
     if not request.is_json:
         raise BadRequest("send a JSON body with Content-Type: application/json")
-    body = request.get_json(silent=True)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is None and len(request.get_data(cache=True)) >= limit:
+        # A chunked body has no Content-Length; werkzeug stops reading at the limit,
+        # which would otherwise surface as "not JSON" instead of "too large".
+        raise RequestEntityTooLarge()
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        # json gives up on deep nesting with RecursionError, not ValueError.
+        raise BadRequest("the JSON body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     unknown = sorted(set(body) - set(allowed))
@@ -62,12 +73,8 @@ def _per_ip_limit() -> None:
     )
 
 
-@blueprint.after_request
-def _no_store(response: Response) -> Response:
-    # Responses carry credentials: no browser, proxy or CDN may keep a copy.
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["Pragma"] = "no-cache"
-    return response
+# Responses carry credentials: no browser, proxy or CDN may keep a copy.
+blueprint.after_request(no_store)
 
 
 @blueprint.post("/credentials")

@@ -43,6 +43,7 @@ from broker.identity import Identity
 from broker.safe_redirect import safe_next
 from broker.services import Issued, Services, current_services
 from broker.web.api import json_body
+from broker.web.security_headers import no_store
 
 audit_log = logging.getLogger("broker.audit")
 
@@ -96,10 +97,7 @@ def _per_ip_limit() -> None:
 def _no_store(response: Response) -> Response:
     # Responses and redirects here carry a sign-in URL: a secret nobody may keep a copy of,
     # and that must not leak onward in a Referer header either.
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["Pragma"] = "no-cache"
-    response.headers["Referrer-Policy"] = "no-referrer"
-    return response
+    return no_store(response, no_referrer=True)
 
 
 # --------------------------------------------------------------------------- shared

@@ -46,7 +46,12 @@ def _broker_error(exc: BrokerError) -> Response:
 def _http_error(exc: HTTPException) -> Response:
     status = exc.code or 500
     code = _HTTP_CODES.get(status, "http_error")
-    return error_response(code, (exc.description or exc.name).rstrip("."), status)
+    response = error_response(code, (exc.description or exc.name).rstrip("."), status)
+    # Keep the headers werkzeug attached, e.g. the Allow header a 405 must carry.
+    for name, value in exc.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
 
 
 def _unexpected(_exc: Exception) -> Response:

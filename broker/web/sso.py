@@ -69,6 +69,7 @@ from broker.sessions import (
 )
 from broker.web.api import issued_json, json_body
 from broker.web.errors import error_response
+from broker.web.security_headers import no_store
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("broker.audit")
@@ -107,13 +108,9 @@ def _per_ip_limit() -> None:
     )
 
 
-@blueprint.after_request
-def _no_store(response: Response) -> Response:
-    # Every page here is about one signed-in person (identity, CSRF token, credentials):
-    # no browser history, proxy or CDN may keep a copy.
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["Pragma"] = "no-cache"
-    return response
+# Every page here is about one signed-in person (identity, CSRF token, credentials):
+# no browser history, proxy or CDN may keep a copy.
+blueprint.after_request(no_store)
 
 
 @blueprint.errorhandler(BrokerError)

@@ -48,8 +48,21 @@ from tests.integration.test_credentials import CountingSTS
 pytestmark = pytest.mark.integration
 
 CREDENTIALS = "/v1/credentials"
-RESPONSE_KEYS = {"identity_id", "provider", "role_arn", "assumed_role_arn", "expiration", "credentials"}
-CREDENTIAL_PROCESS_KEYS = ["Version", "AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration"]
+RESPONSE_KEYS = {
+    "identity_id",
+    "provider",
+    "role_arn",
+    "assumed_role_arn",
+    "expiration",
+    "credentials",
+}
+CREDENTIAL_PROCESS_KEYS = [
+    "Version",
+    "AccessKeyId",
+    "SecretAccessKey",
+    "SessionToken",
+    "Expiration",
+]
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 IDENTITY_ID = re.compile(
     r"us-east-1:[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
@@ -104,7 +117,10 @@ def running(
     server: BaseWSGIServer = make_server(
         "127.0.0.1", port, create_app(services=services), threaded=True
     )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # A short poll interval: shutdown() waits up to one interval, once per broker.
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     try:
         live = LiveBroker(
@@ -154,9 +170,12 @@ def assert_error(response: requests.Response, status: int, code: str) -> str:
     assert set(body) == {"error", "message"}
     assert body["error"] == code, body
     message = body["message"]
-    assert isinstance(message, str) and message
+    assert isinstance(message, str)
+    assert message
     lowered = response.text.lower()
-    assert "<html" not in lowered and "<!doctype" not in lowered and "traceback" not in lowered
+    assert "<html" not in lowered
+    assert "<!doctype" not in lowered
+    assert "traceback" not in lowered
     assert response.headers.get("Cache-Control") == "no-store"
     return message
 
@@ -223,9 +242,11 @@ def test_alice_gets_credential_process_credentials_that_work_on_aws(counted: Cou
 
     process = body["credentials"]
     assert set(process) == set(CREDENTIAL_PROCESS_KEYS)
-    assert process["Version"] == 1 and type(process["Version"]) is int
+    assert process["Version"] == 1
+    assert type(process["Version"]) is int
     for key in CREDENTIAL_PROCESS_KEYS[1:]:
-        assert isinstance(process[key], str) and process[key]
+        assert isinstance(process[key], str)
+        assert process[key]
     assert process["Expiration"] == body["expiration"]
     assert ISO_UTC.fullmatch(body["expiration"])
     assert 3600 - 60 < seconds_left(body["expiration"]) <= 3600 + 5  # the rule's default
@@ -332,7 +353,8 @@ def test_rules_refuse_with_a_403_and_no_sts_call(
 
     assert shared.sts.calls == before
     # The caller learns that they are denied, not which claim would have let them in.
-    assert "admins" not in message and "mfa" not in message.lower()
+    assert "admins" not in message
+    assert "mfa" not in message.lower()
 
 
 # --------------------------------------------------------------------------- identity ids
@@ -379,12 +401,11 @@ def test_durations_outside_the_allowed_range_are_a_400(
 ) -> None:
     before = shared.sts.calls
 
-    message = assert_error(
-        shared.ask(subject, duration_seconds=duration), 400, "invalid_request"
-    )
+    message = assert_error(shared.ask(subject, duration_seconds=duration), 400, "invalid_request")
 
     # The message names the range this caller may ask for (the rule's maximum).
-    assert "900" in message and str(highest) in message
+    assert "900" in message
+    assert str(highest) in message
     assert shared.sts.calls == before
 
 
@@ -481,9 +502,52 @@ def test_bad_requests_get_a_json_error_and_never_reach_sts(shared: Counted, case
     message = assert_error(response, case.status, case.code)
     assert MARKER not in response.text
     assert MARKER not in message
-    if case.status == 405:
-        assert "POST" in response.headers["Allow"]
     assert shared.sts.calls == before
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+def test_a_405_names_the_allowed_method(shared: Counted, method: str) -> None:
+    # RFC 9110 15.5.6: a 405 response MUST carry Allow with the methods the resource has.
+    response = requests.request(method, f"{shared.url}{CREDENTIALS}", timeout=30)
+
+    assert_error(response, 405, "method_not_allowed")
+    assert "POST" in response.headers.get("Allow", "")
+
+
+def test_deeply_nested_json_is_a_400(shared: Counted) -> None:
+    # 3000 levels in ~18 KB: well inside the body limit, deeper than the JSON parser's
+    # recursion limit. A caller's malformed body is a 400, not an internal error.
+    body = b'{"a":' * 3000 + b"1" + b"}" * 3000
+    assert len(body) < shared.live.settings.server.max_body_bytes
+
+    response = requests.post(
+        f"{shared.url}{CREDENTIALS}",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+
+    assert_error(response, 400, "invalid_request")
+
+
+def test_an_oversized_chunked_body_is_a_413(shared: Counted) -> None:
+    # No Content-Length to refuse up front: the limit must still read as "too large".
+    limit = shared.live.settings.server.max_body_bytes
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"provider": "demo", "token": "'
+        for _ in range(limit // 1024 + 1):
+            yield b"x" * 1024
+        yield b'"}'
+
+    response = requests.post(
+        f"{shared.url}{CREDENTIALS}",
+        data=chunks(),
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+
+    assert_error(response, 413, "request_too_large")
 
 
 def test_token_length_limit_is_checked_before_the_body_limit(shared: Counted) -> None:
@@ -615,9 +679,7 @@ INJECTION_TEMPLATE: Mapping[str, Any] = {
             "Effect": "Allow",
             "Action": "s3:ListBucket",
             "Resource": f"arn:aws:s3:::{DEMO_BUCKET}",
-            "Condition": {
-                "StringLike": {"s3:prefix": ["users/${sub}/*", "teams/${claim:team}/*"]}
-            },
+            "Condition": {"StringLike": {"s3:prefix": ["users/${sub}/*", "teams/${claim:team}/*"]}},
         },
     ],
 }
@@ -647,7 +709,7 @@ def _provider_user(stack: Stack, sub: str, claims: Mapping[str, Any]) -> None:
     [
         pytest.param(None, None, id="control-plain-values"),
         pytest.param("email", f"x{BREAKOUT}//@example.com", id="email-breaks-out-of-string"),
-        pytest.param("sub", f"x{BREAKOUT},\"x\":\"", id="sub-breaks-out-of-string"),
+        pytest.param("sub", f'x{BREAKOUT},"x":"', id="sub-breaks-out-of-string"),
         pytest.param("claim:team", 'ops","Action":"*', id="claim-adds-action"),
         pytest.param("email", "*@example.com", id="email-wildcard"),
         pytest.param("email", "${aws:username}@example.com", id="email-iam-variable"),
@@ -683,5 +745,6 @@ def test_claim_values_cannot_change_the_session_policy_structure(
             # in a policy safely; nothing reached STS and the value is not echoed.
             message = assert_error(response, 403, "access_denied")
             assert broker.sts.calls == 0
-            assert payload is not None and payload not in message
+            assert payload is not None
+            assert payload not in message
             assert "pwned" not in response.text

@@ -27,6 +27,7 @@ from broker.settings import CacheSettings
 from broker.store import Sealer, Store
 from broker.sts import AssumeRequest, BotocoreSTS, IssuedCredentials
 from tests.integration.aws_fixtures import READER_ROLE, WRITER_ROLE, LocalAWS, local_aws
+from tests.unit.oidc_fixtures import FakeClock
 
 pytestmark = pytest.mark.integration
 
@@ -366,3 +367,53 @@ def test_a_follower_gives_up_when_the_leader_takes_too_long(
     finally:
         leader.shutdown()
     assert slow.calls == 1
+
+
+# --------------------------------------------------------------------------- worker memory
+
+
+def test_a_worker_serves_from_memory_for_local_seconds_only(
+    sts: CountingSTS, new_store: Callable[[], Store]
+) -> None:
+    clock = FakeClock()
+    worker = CredentialService(
+        sts=sts,
+        store=new_store(),
+        settings=replace(CACHE, local_seconds=30),
+        config_version="v1",
+        clock=clock,
+    )
+    other_worker = service(sts, new_store())
+    first = worker.get(identity(), GRANT)
+
+    # Another worker's logout drops the Redis entry; this worker may keep its copy
+    # for local_seconds, and no longer.
+    assert other_worker.forget(identity().identity_id) == 1
+    assert worker.get(identity(), GRANT) == first
+    assert sts.calls == 1
+    clock.advance(31)
+    assert worker.get(identity(), GRANT) != first
+    assert sts.calls == 2
+
+
+def test_local_seconds_zero_asks_redis_every_time(
+    sts: CountingSTS, new_store: Callable[[], Store]
+) -> None:
+    worker = service(sts, new_store(), local_seconds=0)
+    other_worker = service(sts, new_store())
+    worker.get(identity(), GRANT)
+
+    other_worker.forget(identity().identity_id)
+    worker.get(identity(), GRANT)
+
+    assert sts.calls == 2
+
+
+def test_forget_also_drops_this_workers_memory(sts: CountingSTS, store: Store) -> None:
+    worker = service(sts, store, local_seconds=300)
+    worker.get(identity(), GRANT)
+
+    worker.forget(identity().identity_id)
+    worker.get(identity(), GRANT)
+
+    assert sts.calls == 2

@@ -36,6 +36,7 @@ from tests.unit.oidc_fixtures import (
     CLIENT_ID,
     ISSUER,
     OTHER_CLIENT_ID,
+    FakeClock,
     FakeIdP,
     KeyPair,
     claims,
@@ -610,3 +611,54 @@ def test_build_providers_names_a_provider_whose_module_is_missing(
     settings = _settings({name: config})
     with pytest.raises(errors.ConfigurationError, match=f"provider '{name}'"):
         build_providers(settings, http=http, store=store)
+
+
+# --------------------------------------------------------------------------- verified-token cache
+
+
+def test_a_remembered_token_still_has_its_nonce_checked(
+    make_provider: Callable[..., OIDCProvider],
+) -> None:
+    provider = make_provider(require_nonce=True)
+    token = sign(KEY, claims(nonce="n-1"))
+    assert provider.verify(token, nonce="n-1").subject == "user-123"
+
+    with pytest.raises(errors.InvalidToken, match="wrong nonce"):
+        provider.verify(token, nonce="n-2")
+    with pytest.raises(errors.InvalidToken, match="nonce is required"):
+        provider.verify(token)
+    assert provider.verify(token, nonce="n-1").subject == "user-123"
+
+
+def test_a_remembered_token_is_refused_once_it_expires(
+    make_provider: Callable[..., OIDCProvider],
+) -> None:
+    provider = make_provider(leeway_seconds=0)
+    token = sign(KEY, claims(iat=_now() - 10, exp=_now() + 1))
+    assert provider.verify(token).subject == "user-123"
+    time.sleep(1.2)
+    with pytest.raises(errors.ExpiredToken):
+        provider.verify(token)
+
+
+def test_a_remembered_token_outlives_no_key_withdrawal(
+    idp: FakeIdP, http: Http, store: Store
+) -> None:
+    """Remembering a token must not keep a withdrawn key alive longer than the JWKS
+    cache would: both end after jwks_cache_seconds."""
+    clock = FakeClock()
+    provider = OIDCProvider(
+        settings=oidc_settings(idp, jwks_cache_seconds=300, jwks_refresh_cooldown_seconds=0),
+        http=http,
+        store=store,
+        clock=clock,
+    )
+    token = sign(KEY, claims())
+    provider.verify(token)
+    idp.keys = [SECOND]  # the provider withdraws KEY
+
+    clock.advance(299)
+    assert provider.verify(token).subject == "user-123"  # within both caches' lifetime
+    clock.advance(2)
+    with pytest.raises(errors.InvalidToken):
+        provider.verify(token)

@@ -1,0 +1,71 @@
+"""The in-process expiring cache behind the hot path."""
+
+from __future__ import annotations
+
+import threading
+
+from broker.memo import ExpiringCache
+from tests.unit.oidc_fixtures import FakeClock
+
+
+def test_an_entry_lives_until_its_expiry_and_not_a_moment_longer() -> None:
+    clock = FakeClock()
+    cache: ExpiringCache[str, int] = ExpiringCache(max_entries=10, clock=clock)
+    cache.put("a", 1, expires_at=clock.now + 10)
+
+    clock.advance(9.9)
+    assert cache.get("a") == 1
+    clock.advance(0.1)
+    assert cache.get("a") is None
+    assert len(cache) == 0
+
+
+def test_already_expired_values_and_a_zero_size_cache_keep_nothing() -> None:
+    clock = FakeClock()
+    cache: ExpiringCache[str, int] = ExpiringCache(max_entries=10, clock=clock)
+    cache.put("past", 1, expires_at=clock.now)
+    assert cache.get("past") is None
+
+    disabled: ExpiringCache[str, int] = ExpiringCache(max_entries=0, clock=clock)
+    disabled.put("a", 1, expires_at=clock.now + 60)
+    assert disabled.get("a") is None
+
+
+def test_the_least_recently_used_entry_goes_first() -> None:
+    clock = FakeClock()
+    cache: ExpiringCache[str, int] = ExpiringCache(max_entries=2, clock=clock)
+    cache.put("a", 1, expires_at=clock.now + 60)
+    cache.put("b", 2, expires_at=clock.now + 60)
+    assert cache.get("a") == 1  # "b" is now the least recently used
+    cache.put("c", 3, expires_at=clock.now + 60)
+
+    assert cache.get("b") is None
+    assert (cache.get("a"), cache.get("c")) == (1, 3)
+
+
+def test_discard_and_clear() -> None:
+    clock = FakeClock()
+    cache: ExpiringCache[str, int] = ExpiringCache(max_entries=10, clock=clock)
+    for key in "abc":
+        cache.put(key, 1, expires_at=clock.now + 60)
+    cache.discard("a")
+    assert cache.get("a") is None
+    assert len(cache) == 2
+    cache.clear()
+    assert len(cache) == 0
+
+
+def test_concurrent_writers_never_exceed_the_bound() -> None:
+    clock = FakeClock()
+    cache: ExpiringCache[int, int] = ExpiringCache(max_entries=50, clock=clock)
+
+    def write(offset: int) -> None:
+        for i in range(500):
+            cache.put(offset + i, i, expires_at=clock.now + 60)
+
+    threads = [threading.Thread(target=write, args=(n * 1000,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(cache) == 50
