@@ -1,9 +1,19 @@
-"""Structured (JSON lines) logging, so operators can ship and query the audit trail."""
+"""Structured (JSON lines) logging, so operators can ship and query the audit trail.
+
+Records are formatted and written by one background thread per process
+(``QueueHandler`` + ``QueueListener``, the standard library's recipe for web
+applications): request threads only enqueue, so they never queue up behind each
+other on the stream's lock and a slow log sink never slows a request down.
+"""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import os
+import queue
 import time
 from typing import Any
 
@@ -25,20 +35,87 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _FormattedQueueHandler(logging.handlers.QueueHandler):
+    """Enqueue the record as it is: the listener's handler formats it. (The base class
+    formats here, in the request thread, and drops exc_info on the way.)"""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+class _BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to a private buffered copy of stderr and flushes once the queue is
+    drained: under load, one write(2) carries many lines instead of one each."""
+
+    def __init__(self, records: queue.SimpleQueue[logging.LogRecord]) -> None:
+        super().__init__(os.fdopen(os.dup(2), "w", buffering=1 << 16, encoding="utf-8"))
+        self._records = records
+
+    def flush(self) -> None:
+        if self._records.empty():
+            super().flush()
+
+    def close(self) -> None:
+        try:
+            super().flush()
+            self.stream.close()
+        finally:
+            super().close()
+
+
+class _Writer:
+    """The process's one listener thread, and what it needs to restart after fork."""
+
+    def __init__(self) -> None:
+        self.listener: logging.handlers.QueueListener | None = None
+        self.level = "info"
+        self.fork_hook_installed = False
+
+
+_writer = _Writer()
+
+
 def configure(level: str = "info") -> None:
-    # The formatter writes none of these, and looking them up is most of the cost of a
-    # log call on the hot path (one audit line per request); see "Optimization" in the
-    # logging HOWTO.
+    _writer.level = level
+    # The formatter writes none of these, and looking them up is a large part of the
+    # cost of a log call on the hot path (one audit line per request); see
+    # "Optimization" in the logging HOWTO.
     logging._srcfile = None  # skip the caller's stack frame
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
+
+    stop()
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    stream = _BatchingStreamHandler(records)
+    stream.setFormatter(JsonFormatter())
+    _writer.listener = logging.handlers.QueueListener(records, stream)
+    _writer.listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_FormattedQueueHandler(records)]
     root.setLevel(level.upper())
     # Request lines from werkzeug/urllib3 can carry tokens in query strings
     # (tokeninfo?access_token=...): keep them at WARNING.
     for noisy in ("urllib3", "werkzeug", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not _writer.fork_hook_installed:
+        # A forked child (a gunicorn worker of `broker serve`) has no listener thread:
+        # give it its own, or its records would pile up unwritten.
+        os.register_at_fork(after_in_child=_restart_in_child)
+        atexit.register(stop)
+        _writer.fork_hook_installed = True
+
+
+def _restart_in_child() -> None:
+    if _writer.listener is not None:
+        _writer.listener = None  # its thread did not survive the fork; nothing to stop
+        configure(_writer.level)
+
+
+def stop() -> None:
+    """Write out everything queued, then stop the writer thread."""
+    if _writer.listener is not None:
+        _writer.listener.stop()
+        for handler in _writer.listener.handlers:
+            handler.close()
+        _writer.listener = None

@@ -67,6 +67,8 @@ class ServerSettings:
     max_body_bytes: int = 64 * 1024
     # How many reverse proxies in front of the broker may set X-Forwarded-*; 0 = none.
     trusted_proxies: int = 0
+    # debug | info | warning | error; info keeps the audit trail (one line per issue).
+    log_level: str = "info"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -423,7 +425,10 @@ def _server(r: _Reader) -> ServerSettings:
         public_url=r.url("public_url", "http://127.0.0.1:8000").rstrip("/"),
         max_body_bytes=r.integer("max_body_bytes", 64 * 1024, lo=1024, hi=10 * 1024 * 1024),
         trusted_proxies=r.integer("trusted_proxies", 0, lo=0, hi=10),
+        log_level=r.text("log_level", "info").lower(),
     )
+    if s.log_level not in {"debug", "info", "warning", "error"}:
+        r.problem("log_level", "must be debug, info, warning or error")
     r.finish()
     return s
 
