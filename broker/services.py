@@ -7,7 +7,7 @@ Web handlers reach dependencies only through ``current_services()`` (stored in
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import redis
@@ -46,6 +46,8 @@ class Services:
     identity_ids: IdentityIds
     sts: STS
     credentials: CredentialService
+    # Clients built here (not handed in by the caller), closed with the services.
+    owned: tuple[Callable[[], None], ...] = ()
 
     @classmethod
     def build(
@@ -61,8 +63,12 @@ class Services:
             sealer=Sealer(settings.security.encryption_keys),
         )
         http = Http()
-        sts = sts or BotocoreSTS(settings.sts)
+        owned: tuple[Callable[[], None], ...] = ()
+        if sts is None:
+            botocore_sts = BotocoreSTS(settings.sts)
+            sts, owned = botocore_sts, (botocore_sts.close,)
         return cls(
+            owned=owned,
             settings=settings,
             store=store,
             http=http,
@@ -139,6 +145,8 @@ class Services:
             raise RateLimited(f"more than {per_minute} requests a minute", retry_after=60)
 
     def close(self) -> None:
+        for close in self.owned:
+            close()
         self.http.close()
         self.store.client.close()
 
