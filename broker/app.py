@@ -7,7 +7,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from broker.services import EXTENSION_KEY, Services
 from broker.settings import Settings, load_settings
-from broker.web import api, console, errors, health, security_headers, sso
+from broker.web import api, console, errors, health, replay, security_headers, sso
 
 
 def create_app(settings: Settings | None = None, *, services: Services | None = None) -> Flask:
@@ -18,6 +18,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     app = Flask("broker")
     app.config.update(MAX_CONTENT_LENGTH=settings.server.max_body_bytes)
+    # Inside ProxyFix (below), so a replay sees the client address the proxy reported.
+    app.wsgi_app = replay.ReplayMiddleware(app.wsgi_app, services)  # type: ignore[method-assign]
     if settings.server.trusted_proxies:
         # Only behind a known number of proxies may X-Forwarded-* be believed; otherwise a
         # client could pick its own address and dodge per-IP rate limits.

@@ -23,6 +23,10 @@ class ExpiringCache(Generic[K, V]):
         self._lock = threading.Lock()
         self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
 
+    @property
+    def enabled(self) -> bool:
+        return self._max > 0
+
     def get(self, key: K) -> V | None:
         with self._lock:
             entry = self._entries.get(key)

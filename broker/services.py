@@ -7,8 +7,10 @@ Web handlers reach dependencies only through ``current_services()`` (stored in
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 from flask import current_app
@@ -18,6 +20,7 @@ from broker.credentials import CredentialService
 from broker.errors import RateLimited, UnknownProvider
 from broker.http import Http
 from broker.identity import Identity, IdentityIds
+from broker.memo import ExpiringCache
 from broker.providers import build_providers
 from broker.providers.base import IdentityProvider
 from broker.rules import Grant
@@ -28,6 +31,19 @@ from broker.sts import STS, BotocoreSTS, IssuedCredentials
 audit_log = logging.getLogger("broker.audit")
 
 EXTENSION_KEY = "broker"
+REPLAY_ENTRIES = 10_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class Replay:
+    """A finished 200 answer to ``POST /v1/credentials``, replayed byte for byte to an
+    identical request (see broker.web.replay)."""
+
+    status: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    identity_id: str
+    audit: Mapping[str, Any]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +64,10 @@ class Services:
     credentials: CredentialService
     # Clients built here (not handed in by the caller), closed with the services.
     owned: tuple[Callable[[], None], ...] = ()
+    # Answers to repeated identical API requests, per worker (broker.web.replay).
+    replays: ExpiringCache[bytes, Replay] = field(
+        default_factory=lambda: ExpiringCache(max_entries=0, clock=time.time)
+    )
 
     @classmethod
     def build(
@@ -69,6 +89,12 @@ class Services:
             sts, owned = botocore_sts, (botocore_sts.close,)
         return cls(
             owned=owned,
+            replays=ExpiringCache(
+                max_entries=REPLAY_ENTRIES
+                if settings.cache.enabled and settings.cache.replay and settings.cache.local_seconds
+                else 0,
+                clock=time.time,
+            ),
             settings=settings,
             store=store,
             http=http,
@@ -116,25 +142,9 @@ class Services:
             self.settings.rules, identity, role_arn=role_arn, duration_seconds=duration_seconds
         )
         creds = self.credentials.get(identity, grant)
-        # The audit trail: who got what, under which rule. AccessKeyId is safe to log
-        # (CloudTrail records it too) and lets operators join our log with CloudTrail.
-        audit_log.info(
-            "credentials issued",
-            extra={
-                "audit": {
-                    "event": "credentials_issued",
-                    "identity_id": identity.identity_id,
-                    "provider": identity.provider,
-                    "rule": grant.rule,
-                    "role_arn": grant.role_arn,
-                    "assumed_role_arn": creds.assumed_role_arn,
-                    "access_key_id": creds.access_key_id,
-                    "expiration": creds.credential_process()["Expiration"],
-                    "session_policy": grant.session_policy is not None,
-                }
-            },
-        )
-        return Issued(identity=identity, grant=grant, credentials=creds)
+        issued = Issued(identity=identity, grant=grant, credentials=creds)
+        audit_log.info("credentials issued", extra={"audit": audit_record(issued)})
+        return issued
 
     def limit(self, kind: str, subject: str, per_minute: int) -> None:
         """Fixed one-minute window per subject, shared by every process through Redis."""
@@ -144,11 +154,46 @@ class Services:
         if count > per_minute:
             raise RateLimited(f"more than {per_minute} requests a minute", retry_after=60)
 
+    def replay_until(self, issued: Issued) -> float:
+        """How long an identical request may get this answer again without re-running
+        the pipeline: no longer than a worker may keep credentials in memory, than the
+        upstream token is valid, or than the credentials may be handed out."""
+        cache = self.settings.cache
+        now = time.time()
+        return min(
+            now + cache.local_seconds,
+            float(issued.identity.verified.expires_at),
+            issued.credentials.expiration.timestamp() - cache.safety_margin_seconds,
+        )
+
+    def forget(self, identity_id: str) -> int:
+        """Stop handing out this identity's cached credentials (sign-out)."""
+        self.replays.clear()  # this worker's replays of anyone: simple and cheap
+        return self.credentials.forget(identity_id)
+
     def close(self) -> None:
         for close in self.owned:
             close()
         self.http.close()
         self.store.client.close()
+
+
+def audit_record(issued: Issued) -> dict[str, Any]:
+    """The audit trail entry for credentials handed out: who got what, under which
+    rule. AccessKeyId is safe to log (CloudTrail records it too) and lets operators join
+    our log with CloudTrail."""
+    creds = issued.credentials
+    return {
+        "event": "credentials_issued",
+        "identity_id": issued.identity.identity_id,
+        "provider": issued.identity.provider,
+        "rule": issued.grant.rule,
+        "role_arn": issued.grant.role_arn,
+        "assumed_role_arn": creds.assumed_role_arn,
+        "access_key_id": creds.access_key_id,
+        "expiration": creds.credential_process()["Expiration"],
+        "session_policy": issued.grant.session_policy is not None,
+    }
 
 
 def current_services() -> Services:

@@ -108,6 +108,9 @@ class CacheSettings:
     # Redis again (0: always ask Redis). Bounds how stale a worker's view of a
     # forget() (logout) made by another worker can be.
     local_seconds: int = 30
+    # Answer a byte-identical repeat of a POST /v1/credentials from the worker's memory
+    # (within local_seconds; still rate-limited and audited). See broker.web.replay.
+    replay: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -494,6 +497,7 @@ def _cache(r: _Reader) -> CacheSettings:
         lock_timeout_seconds=r.number("lock_timeout_seconds", 15.0, lo=1, hi=120),
         lock_wait_seconds=r.number("lock_wait_seconds", 20.0, lo=1, hi=120),
         local_seconds=r.integer("local_seconds", 30, lo=0, hi=300),
+        replay=r.flag("replay", True),
     )
     r.finish()
     return s

@@ -10,6 +10,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from broker.errors import BadRequest
 from broker.services import Issued, current_services
+from broker.web import replay
 from broker.web.security_headers import no_store
 
 blueprint = Blueprint("api", __name__, url_prefix="/v1")
@@ -67,6 +68,9 @@ def issued_json(issued: Issued) -> dict[str, Any]:
 
 @blueprint.before_request
 def _per_ip_limit() -> None:
+    refused = replay.refused_by_replay()
+    if refused is not None:
+        raise refused  # already counted by the replay attempt
     services = current_services()
     services.limit(
         "ip", request.remote_addr or "unknown", services.settings.rate_limit.per_ip_per_minute
@@ -94,6 +98,7 @@ def credentials() -> Response:
     issued = services.issue(
         identity, role_arn=body.get("role_arn"), duration_seconds=body.get("duration_seconds")
     )
+    replay.remember(issued)
     return jsonify(issued_json(issued))
 
 

@@ -322,7 +322,7 @@ def logout() -> Response:
     identity_id = sso.services.identity_ids.derive(ws.provider, ws.subject)
     end_session(response)
     # Cached credentials of this identity go too: signing out means no more handing out.
-    forgotten = services.credentials.forget(identity_id)
+    forgotten = services.forget(identity_id)
     audit_log.info(
         "web sign-out",
         extra={
