@@ -554,3 +554,38 @@ def test_oidc_discovery_url_defaults_from_issuer() -> None:
     corp = load(raw).providers["corp"]
     assert isinstance(corp, OIDCProviderSettings)
     assert corp.discovery_url == "https://idp.example/.well-known/openid-configuration"
+
+
+# --------------------------------------------------------------------------- shipped examples
+
+
+@pytest.mark.parametrize("name", ["google.example.toml", "oidc.example.toml"])
+def test_the_example_configs_load_once_their_secret_files_exist(
+    name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from broker.cli import main
+
+    for secret in ("identity_key", "encryption_keys"):
+        (tmp_path / secret).write_text(base64.b64encode(bytes(range(32))).decode() + "\n")
+        monkeypatch.setenv(f"BROKER_SECURITY__{secret.upper()}_FILE", str(tmp_path / secret))
+    example = Path(__file__).resolve().parents[2] / "config" / name
+
+    assert main(["check-config", str(example)]) == 0
+    assert f"{example}: OK" in capsys.readouterr().out
+
+
+def test_check_config_reports_every_problem_with_its_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from broker.cli import main
+
+    bad = tmp_path / "broker.toml"
+    bad.write_text('[server]\npublic_url = "ftp://x"\nsurprise = 1\n[cache]\nlocal_seconds = -1\n')
+
+    assert main(["check-config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    for key in ("server.public_url", "server.surprise", "cache.local_seconds", "security."):
+        assert key in err
