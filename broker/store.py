@@ -132,8 +132,25 @@ class Store:
         return self._open(key, self.client.get(key))
 
     @_redis_guard
-    def set_sealed(self, key: str, value: Any, *, ttl: float, only_if_new: bool = False) -> bool:
-        return bool(self.client.set(key, self._seal(key, value), px=_ttl_ms(ttl), nx=only_if_new))
+    def set_sealed(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float,
+        only_if_new: bool = False,
+        only_if_exists: bool = False,
+    ) -> bool:
+        """Seal and write; False when NX/XX refused the write."""
+        return bool(
+            self.client.set(
+                key,
+                self._seal(key, value),
+                px=_ttl_ms(ttl),
+                nx=only_if_new,
+                xx=only_if_exists,
+            )
+        )
 
     @_redis_guard
     def take_sealed(self, key: str) -> Any | None:
