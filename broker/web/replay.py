@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 audit_log = logging.getLogger("broker.audit")
 
 PATH = "/v1/credentials"
-_KEY = "broker.replay_key"
 _ISSUED = "broker.replay_issued"
 _REFUSED = "broker.replay_rate_limited"
 
@@ -83,7 +82,6 @@ class ReplayMiddleware:
             )
             start_response(replay.status, list(replay.headers))
             return [replay.body]
-        environ[_KEY] = key
         return self._record(environ, start_response, key)
 
     def _limit(self, environ: WSGIEnvironment, replay: Replay) -> None:
