@@ -213,12 +213,27 @@ def test_sign_in_to_credentials_in_chromium(driver: Any, broker: LiveBroker) -> 
     assert driver.save_screenshot(str(screenshot))
     assert screenshot.stat().st_size > 10_000
 
+    # 5. Back home, "Open the AWS console" for the admin role lands, through the
+    # broker's 303, on the (local) federation endpoint signed in as that role.
+    driver.get(f"{broker.url}/")
+    console_buttons = driver.find_elements(
+        By.XPATH, '//button[normalize-space()="Open the AWS console"]'
+    )
+    assert len(console_buttons) == 2
+    console_buttons[0].click()
+    wait.until(ec.url_contains(broker.stack.federation.url))
+    assert "Action=login" in driver.current_url
+    caller = wait.until(ec.presence_of_element_located((By.ID, "caller"))).text
+    assert "assumed-role/BrokerDemoAdmin/" in caller
+    driver.save_screenshot(str(ARTIFACTS / "console-signin.png"))
+    driver.get(f"{broker.url}/")
+
     # Nothing on our pages tripped the Content-Security-Policy.
     logs = driver.get_log("browser")
     violations = [e["message"] for e in logs if "Content Security Policy" in e["message"]]
     assert not violations, violations
 
-    # 5. Sign out: back to the sign-in page, signed out.
+    # 6. Sign out: back to the sign-in page, signed out.
     driver.find_element(By.CSS_SELECTOR, "header form button").click()
     wait.until(ec.presence_of_element_located((By.ID, "signed-out")))
     driver.get(f"{broker.url}/")
