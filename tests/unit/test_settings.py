@@ -559,7 +559,9 @@ def test_oidc_discovery_url_defaults_from_issuer() -> None:
 # --------------------------------------------------------------------------- shipped examples
 
 
-@pytest.mark.parametrize("name", ["google.example.toml", "oidc.example.toml"])
+@pytest.mark.parametrize(
+    "name", ["google.example.toml", "oidc.example.toml", "social.example.toml"]
+)
 def test_the_example_configs_load_once_their_secret_files_exist(
     name: str,
     tmp_path: Path,
@@ -571,6 +573,11 @@ def test_the_example_configs_load_once_their_secret_files_exist(
     for secret in ("identity_key", "encryption_keys"):
         (tmp_path / secret).write_text(base64.b64encode(bytes(range(32))).decode() + "\n")
         monkeypatch.setenv(f"BROKER_SECURITY__{secret.upper()}_FILE", str(tmp_path / secret))
+    if name == "social.example.toml":
+        (tmp_path / "app_secret").write_text("facebook-app-secret\n")
+        monkeypatch.setenv(
+            "BROKER_PROVIDERS__FACEBOOK__APP_SECRET_FILE", str(tmp_path / "app_secret")
+        )
     example = Path(__file__).resolve().parents[2] / "config" / name
 
     assert main(["check-config", str(example)]) == 0
