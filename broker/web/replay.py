@@ -101,7 +101,13 @@ class ReplayMiddleware:
 
         result = self._app(environ, capture)
         issued = environ.get(_ISSUED)
-        if not isinstance(issued, Issued) or not str(captured.get("status", "")).startswith("200"):
+        headers: list[tuple[str, str]] = captured.get("headers", [])
+        if (
+            not isinstance(issued, Issued)
+            or not str(captured.get("status", "")).startswith("200")
+            # Never hand one caller's cookie to another.
+            or any(name.lower() == "set-cookie" for name, _ in headers)
+        ):
             return result
         try:
             body = b"".join(result)
@@ -113,7 +119,7 @@ class ReplayMiddleware:
             key,
             Replay(
                 status=captured["status"],
-                headers=tuple(captured["headers"]),
+                headers=tuple(headers),
                 body=body,
                 identity_id=issued.identity.identity_id,
                 audit=audit_record(issued),
