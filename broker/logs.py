@@ -17,12 +17,28 @@ import queue
 import time
 from typing import Any
 
+# One encoder for every record: json.dumps(..., default=str) would build a new one
+# each call.
+_ENCODER = json.JSONEncoder(default=str)
+
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = (-1, "")  # (second, its formatted date): one tuple, swapped atomically
+
+    def _time(self, created: float) -> str:
+        # Records come in bursts within one second: format the date part once per second.
+        second = int(created)
+        cached_second, stamp = self._stamp
+        if second != cached_second:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._stamp = (second, stamp)
+        return f"{stamp}.{int((created - second) * 1000):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": self._time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -32,7 +48,7 @@ class JsonFormatter(logging.Formatter):
             entry.update(audit)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return _ENCODER.encode(entry)
 
 
 class _FormattedQueueHandler(logging.handlers.QueueHandler):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def test_audit_records_are_written_as_json_lines(capfd: pytest.CaptureFixture[st
     assert audit["event"] == "credentials_issued"
     assert audit["rule"] == "r1"
     assert audit["level"] == "info"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", str(audit["time"]))
     assert "ValueError: boom" in str(error["exception"])
 
 
