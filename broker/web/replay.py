@@ -8,8 +8,9 @@ at most ``cache.local_seconds``) keyed by SHA-256 of the exact request body and 
 type, and answers a byte-identical request with it before Flask routing, JSON parsing,
 token verification, rules and the cache lookup run again.
 
-What still happens on a replay: both rate limits (a limited request goes on to the
-normal path, which answers 429 without counting it twice) and the audit line. Sign-out
+What still happens on a replay: both rate limits (a refused request goes on to the
+normal path, which answers 429, or 503 when Redis cannot count, without counting it
+twice) and the audit line. Sign-out
 (``Services.forget``) clears this worker's replays; other workers drop theirs within
 ``local_seconds``, as for the in-memory credentials.
 """
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import request
 
-from broker.errors import RateLimited
+from broker.errors import BrokerError
 from broker.services import Issued, Replay, Services, audit_record
 
 if TYPE_CHECKING:
@@ -42,10 +43,12 @@ def remember(issued: Issued) -> None:
     request.environ[_ISSUED] = issued
 
 
-def refused_by_replay() -> RateLimited | None:
-    """The rate limit a replay attempt already counted and exceeded, if any."""
+def refused_by_replay() -> BrokerError | None:
+    """Why a replay attempt's rate-limit check refused the request (the limit was
+    exceeded, or Redis could not count it), so the normal path answers with exactly
+    that error instead of counting the request a second time."""
     refused = request.environ.get(_REFUSED)
-    return refused if isinstance(refused, RateLimited) else None
+    return refused if isinstance(refused, BrokerError) else None
 
 
 class ReplayMiddleware:
@@ -74,7 +77,7 @@ class ReplayMiddleware:
         if replay is not None:
             try:
                 self._limit(environ, replay)
-            except RateLimited as exc:
+            except BrokerError as exc:  # 429, or 503 when Redis is down
                 environ[_REFUSED] = exc
                 return self._app(environ, start_response)
             audit_log.info(

@@ -180,3 +180,31 @@ def test_replay_can_be_switched_off(
 
     assert [_post(broker, body).status_code for _ in range(2)] == [200, 200]
     assert _replayed(caplog) == [False, False]
+
+
+def test_a_replay_fails_closed_when_redis_cannot_count_it(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from broker.devstack.redis_server import start_redis
+
+    own_redis = start_redis(tmp_path_factory.mktemp("own-redis"))
+    port = free_port()
+    settings = make_settings(
+        stack,
+        f"http://127.0.0.1:{port}",
+        redis={"url": f"redis://127.0.0.1:{own_redis.port}/0", "socket_timeout_seconds": 1},
+    )
+    server = serve(settings, stack, port)
+    broker = next(server)
+    try:
+        body = _body(broker)
+        assert _post(broker, body).status_code == 200
+        own_redis.stop()
+
+        refused = _post(broker, body)
+
+        assert refused.status_code == 503
+        assert refused.json()["error"] == "dependency_unavailable"
+    finally:
+        next(server, None)
+        own_redis.stop()
