@@ -135,9 +135,7 @@ class Services:
         role_arn: str | None = None,
         duration_seconds: int | None = None,
     ) -> Issued:
-        self.limit(
-            "identity", identity.identity_id, self.settings.rate_limit.per_identity_per_minute
-        )
+        self.limit_identity(identity.identity_id)
         grant = rules.decide(
             self.settings.rules, identity, role_arn=role_arn, duration_seconds=duration_seconds
         )
@@ -146,7 +144,15 @@ class Services:
         audit_log.info("credentials issued", extra={"audit": audit_record(issued)})
         return issued
 
-    def limit(self, kind: str, subject: str, per_minute: int) -> None:
+    def limit_address(self, address: str | None) -> None:
+        """The per-client-address limit (``rate_limit.per_ip_per_minute``)."""
+        self._limit("ip", address or "unknown", self.settings.rate_limit.per_ip_per_minute)
+
+    def limit_identity(self, identity_id: str) -> None:
+        """The per-identity limit (``rate_limit.per_identity_per_minute``)."""
+        self._limit("identity", identity_id, self.settings.rate_limit.per_identity_per_minute)
+
+    def _limit(self, kind: str, subject: str, per_minute: int) -> None:
         """Fixed one-minute window per subject, shared by every process through Redis."""
         if per_minute <= 0:
             return

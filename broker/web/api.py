@@ -71,10 +71,7 @@ def _per_ip_limit() -> None:
     refused = replay.refused_by_replay()
     if refused is not None:
         raise refused  # already counted by the replay attempt
-    services = current_services()
-    services.limit(
-        "ip", request.remote_addr or "unknown", services.settings.rate_limit.per_ip_per_minute
-    )
+    current_services().limit_address(request.remote_addr)
 
 
 # Responses carry credentials: no browser, proxy or CDN may keep a copy.

@@ -87,10 +87,7 @@ def current_identity_or_none() -> Identity | None:
 
 @blueprint.before_request
 def _per_ip_limit() -> None:
-    services = current_services()
-    services.limit(
-        "ip", request.remote_addr or "unknown", services.settings.rate_limit.per_ip_per_minute
-    )
+    current_services().limit_address(request.remote_addr)
 
 
 @blueprint.after_request

@@ -88,10 +88,8 @@ class ReplayMiddleware:
         return self._record(environ, start_response, key)
 
     def _limit(self, environ: WSGIEnvironment, replay: Replay) -> None:
-        services = self._services
-        limits = services.settings.rate_limit
-        services.limit("ip", environ.get("REMOTE_ADDR") or "unknown", limits.per_ip_per_minute)
-        services.limit("identity", replay.identity_id, limits.per_identity_per_minute)
+        self._services.limit_address(environ.get("REMOTE_ADDR"))
+        self._services.limit_identity(replay.identity_id)
 
     def _record(
         self, environ: WSGIEnvironment, start_response: StartResponse, key: bytes

@@ -102,10 +102,7 @@ def _is_json_route() -> bool:
 @blueprint.before_request
 def _per_ip_limit() -> None:
     # Every sign-in start writes a pending login to Redis: bound it per client address.
-    services = current_services()
-    services.limit(
-        "ip", request.remote_addr or "unknown", services.settings.rate_limit.per_ip_per_minute
-    )
+    current_services().limit_address(request.remote_addr)
 
 
 # Every page here is about one signed-in person (identity, CSRF token, credentials):

@@ -882,7 +882,7 @@ class StandInServices(Services):
         )
         return Issued(identity=identity, grant=grant, credentials=CREDS)
 
-    def limit(self, *_args: object) -> None:
+    def limit_address(self, *_args: object) -> None:
         return None  # rate limits need Redis; they are not what is tested here
 
 
