@@ -59,26 +59,6 @@ class _FormattedQueueHandler(logging.handlers.QueueHandler):
         return record
 
 
-class _BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to a private buffered copy of stderr and flushes once the queue is
-    drained: under load, one write(2) carries many lines instead of one each."""
-
-    def __init__(self, records: queue.SimpleQueue[logging.LogRecord]) -> None:
-        super().__init__(os.fdopen(os.dup(2), "w", buffering=1 << 16, encoding="utf-8"))
-        self._records = records
-
-    def flush(self) -> None:
-        if self._records.empty():
-            super().flush()
-
-    def close(self) -> None:
-        try:
-            super().flush()
-            self.stream.close()
-        finally:
-            super().close()
-
-
 class _Writer:
     """The process's one listener thread, and what it needs to restart after fork."""
 
@@ -103,7 +83,7 @@ def configure(level: str = "info") -> None:
 
     stop()
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    stream = _BatchingStreamHandler(records)
+    stream = logging.StreamHandler()
     stream.setFormatter(JsonFormatter())
     _writer.listener = logging.handlers.QueueListener(records, stream)
     _writer.listener.start()
