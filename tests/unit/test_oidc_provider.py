@@ -634,9 +634,12 @@ def test_a_remembered_token_is_refused_once_it_expires(
     make_provider: Callable[..., OIDCProvider],
 ) -> None:
     provider = make_provider(leeway_seconds=0)
-    token = sign(KEY, claims(iat=_now() - 10, exp=_now() + 1))
+    # exp is whole seconds: two of margin so a slow first verify still sees it valid
+    # (with +1 the second boundary could pass before pyjwt checked it).
+    exp = _now() + 2
+    token = sign(KEY, claims(iat=_now() - 10, exp=exp))
     assert provider.verify(token).subject == "user-123"
-    time.sleep(1.2)
+    time.sleep(max(0.0, exp - time.time()) + 0.2)
     with pytest.raises(errors.ExpiredToken):
         provider.verify(token)
 
