@@ -31,7 +31,7 @@ from typing import Any
 
 from broker import errors
 from broker.http import Http, HttpResult
-from broker.identity import VerifiedClaims, VerifiedToken
+from broker.identity import VerifiedToken
 from broker.providers.base import IdentityProvider
 from broker.providers.oauth_common import (
     VERIFICATION_CACHE_MAX_SECONDS,
@@ -132,16 +132,13 @@ class AmazonProvider(IdentityProvider):
             value = text(profile.get(name))
             if value is not None:
                 claims[name] = value
-        verified = VerifiedToken(
-            provider=self.name,
+        return self._cache.remember(
+            token,
             subject=user_id,
-            claims=VerifiedClaims(claims),
-            token=token,
+            claims=claims,
             sts_provider_id=STS_PROVIDER_ID,
             expires_at=expires_at,
         )
-        self._cache.put(verified)
-        return verified
 
     # ------------------------------------------------------------------------ upstream
 

@@ -197,16 +197,13 @@ class FacebookProvider(IdentityProvider):
         scopes = data.get("scopes")
         if isinstance(scopes, list) and all(isinstance(s, str) for s in scopes):
             claims["scopes"] = list(scopes)
-        verified = VerifiedToken(
-            provider=self.name,
+        return self._cache.remember(
+            token,
             subject=user_id,
-            claims=VerifiedClaims(claims),
-            token=token,
+            claims=claims,
             sts_provider_id=STS_PROVIDER_ID,
             expires_at=expires_at,
         )
-        self._cache.put(verified)
-        return verified
 
     def _expiry(self, data: Mapping[str, Any], now: float) -> int:
         expires = integer(data.get("expires_at"))

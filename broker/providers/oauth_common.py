@@ -196,11 +196,35 @@ class VerificationCache:
         # between broker nodes and Redis.
         if expires_at <= self._clock():
             return None
+        # The key is this token's hash, so this is the token that was verified.
+        return self._verified(token, subject, claims, sts_provider_id, expires_at)
+
+    def remember(
+        self,
+        token: str,
+        *,
+        subject: str,
+        claims: dict[str, Any],
+        sts_provider_id: str | None,
+        expires_at: int,
+    ) -> VerifiedToken:
+        """The identity upstream just vouched for, kept until the token expires."""
+        verified = self._verified(token, subject, claims, sts_provider_id, expires_at)
+        self.put(verified)
+        return verified
+
+    def _verified(
+        self,
+        token: str,
+        subject: str,
+        claims: dict[str, Any],
+        sts_provider_id: str | None,
+        expires_at: int,
+    ) -> VerifiedToken:
         return VerifiedToken(
             provider=self._provider,
             subject=subject,
             claims=VerifiedClaims(claims),
-            # The key is this token's hash, so this is the token that was verified.
             token=token,
             sts_provider_id=sts_provider_id,
             expires_at=expires_at,
