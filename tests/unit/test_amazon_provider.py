@@ -24,7 +24,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from broker import errors
-from broker.devstack.processes import ManagedProcess, free_port
+from broker.devstack.processes import free_port
 from broker.devstack.social_servers import (
     AMAZON_DEMO_USERS,
     DEMO_AMAZON_APP_ID,
@@ -41,16 +41,11 @@ from broker.providers.oauth_common import (
 )
 from broker.settings import AmazonProviderSettings
 from broker.store import Sealer, Store
-from tests.unit.oidc_fixtures import FakeClock, make_store, redis_process
+from tests.unit.oidc_fixtures import FakeClock
 
 ALICE = AMAZON_DEMO_USERS[0]
 OTHER_CLIENT_ID = "amzn1.application-oa2-client.someoneelse"
 TIMEOUT = 0.5
-
-
-@pytest.fixture(scope="module")
-def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
-    yield from redis_process(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +60,6 @@ def lwa_server() -> Iterator[FakeLoginWithAmazon]:
 def lwa(lwa_server: FakeLoginWithAmazon) -> FakeLoginWithAmazon:
     lwa_server.reset()
     return lwa_server
-
-
-@pytest.fixture
-def store(redis_proc: ManagedProcess) -> Iterator[Store]:
-    store, client = make_store(redis_proc.port)
-    yield store
-    client.close()
 
 
 @pytest.fixture

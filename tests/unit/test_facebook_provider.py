@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from broker import errors
-from broker.devstack.processes import ManagedProcess, free_port
+from broker.devstack.processes import free_port
 from broker.devstack.social_servers import (
     DEMO_FACEBOOK_APP_ID,
     DEMO_FACEBOOK_APP_SECRET,
@@ -41,16 +41,11 @@ from broker.providers.facebook import (
 from broker.providers.oauth_common import VERIFICATION_CACHE_MAX_SECONDS, token_digest
 from broker.settings import FacebookProviderSettings, settings_from_mapping
 from broker.store import Store
-from tests.unit.oidc_fixtures import FakeClock, make_store, redis_process
+from tests.unit.oidc_fixtures import FakeClock
 
 ALICE, BOB, MALLORY = FACEBOOK_DEMO_USERS
 OTHER_APP_ID = "999999999999999"
 TIMEOUT = 0.5
-
-
-@pytest.fixture(scope="module")
-def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
-    yield from redis_process(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +61,6 @@ def graph(graph_server: FakeFacebook) -> Iterator[FakeFacebook]:
     graph_server.reset()
     yield graph_server
     graph_server.app_secret = DEMO_FACEBOOK_APP_SECRET
-
-
-@pytest.fixture
-def store(redis_proc: ManagedProcess) -> Iterator[Store]:
-    store, client = make_store(redis_proc.port)
-    yield store
-    client.close()
 
 
 @pytest.fixture

@@ -18,19 +18,14 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from broker import errors
-from broker.devstack.processes import ManagedProcess, free_port
+from broker.devstack.processes import free_port
 from broker.http import Http
 from broker.jwks import FAILED_FETCH_BACKOFF_SECONDS, JWKSCache, key_for_algorithm
 from broker.store import Sealer, Store
-from tests.unit.oidc_fixtures import FakeClock, FakeIdP, ec_key, make_store, redis_process, rsa_key
+from tests.unit.oidc_fixtures import FakeClock, FakeIdP, ec_key, rsa_key
 
 K1 = rsa_key("k1")
 K2 = rsa_key("k2")
-
-
-@pytest.fixture(scope="module")
-def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
-    yield from redis_process(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +42,11 @@ def idp(idp_server: FakeIdP) -> FakeIdP:
 
 
 @pytest.fixture
-def store(redis_proc: ManagedProcess) -> Iterator[Store]:
-    store, client = make_store(redis_proc.port)
-    yield store
-    client.close()
-
-
-@pytest.fixture
 def http() -> Iterator[Http]:
     # No retries: each failure is one request, so request counts are exact.
     client = Http(retries=0)
     yield client
     client.close()
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 def make_cache(

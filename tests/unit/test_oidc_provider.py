@@ -20,7 +20,6 @@ import jwt
 import pytest
 
 from broker import errors
-from broker.devstack.processes import ManagedProcess
 from broker.http import Http
 from broker.providers import build_providers
 from broker.providers.oidc import MAX_TOKEN_LENGTH, OIDCProvider
@@ -42,9 +41,7 @@ from tests.unit.oidc_fixtures import (
     claims,
     ec_key,
     hmac_with_public_key,
-    make_store,
     oidc_settings,
-    redis_process,
     rsa_key,
     sign,
     unsigned_token,
@@ -54,11 +51,6 @@ KEY = rsa_key("k1")
 SECOND = rsa_key("k2")
 IMPOSTOR = rsa_key("k1", label="impostor")  # same kid, different key pair
 EC_KEY = ec_key("e1")
-
-
-@pytest.fixture(scope="module")
-def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
-    yield from redis_process(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +64,6 @@ def idp_server() -> Iterator[FakeIdP]:
 def idp(idp_server: FakeIdP) -> FakeIdP:
     idp_server.reset(KEY)
     return idp_server
-
-
-@pytest.fixture
-def store(redis_proc: ManagedProcess) -> Iterator[Store]:
-    store, client = make_store(redis_proc.port)
-    yield store
-    client.close()
 
 
 @pytest.fixture
