@@ -23,7 +23,6 @@ Amazon unreachable or too slow is a 503. No message ever contains the token.
 
 from __future__ import annotations
 
-import hmac
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -41,6 +40,7 @@ from broker.providers.oauth_common import (
     integer,
     redact_urllib3_urls,
     refuse_nonce,
+    same_text,
     text,
 )
 from broker.settings import AmazonProviderSettings
@@ -113,7 +113,7 @@ class AmazonProvider(IdentityProvider):
         profile_user = text(profile.get("user_id"))
         if profile_user is None:
             raise errors.UpstreamError("Login with Amazon profile answered without user_id")
-        if not hmac.compare_digest(profile_user.encode(), user_id.encode()):
+        if not same_text(profile_user, user_id):
             # Both answers come from Amazon for one token; if they disagree about who it
             # belongs to, we trust neither.
             raise errors.InvalidToken("the access token and the profile name different users")
@@ -143,13 +143,9 @@ class AmazonProvider(IdentityProvider):
     # ------------------------------------------------------------------------ upstream
 
     def _our_client_id(self, aud: Any) -> bool:
-        if not isinstance(aud, str):
-            return False
         # Exact, constant-time comparison with every configured id (no prefix or
         # case-insensitive matching: another app's id must never pass).
-        return any(
-            hmac.compare_digest(aud.encode(), cid.encode()) for cid in self._settings.client_ids
-        )
+        return any(same_text(aud, cid) for cid in self._settings.client_ids)
 
     def _tokeninfo(self, token: str) -> Mapping[str, Any]:
         result = guarded_call(

@@ -55,6 +55,7 @@ from broker.providers.oauth_common import (
     integer,
     redact_urllib3_urls,
     refuse_nonce,
+    same_text,
     text,
 )
 from broker.providers.oidc import OIDCProvider
@@ -158,14 +159,14 @@ class FacebookProvider(IdentityProvider):
         app_id = self._settings.app_id
         cached = self._cache.get(token)
         # Checked again on a hit, so a changed app_id takes effect at once.
-        if cached is not None and _equal(cached.claims.get("app_id"), app_id):
+        if cached is not None and same_text(cached.claims.get("app_id"), app_id):
             return cached
 
         now = self._clock()
         data = self._debug_token(token)
         if data.get("is_valid") is not True:
             raise _token_error(_error_of(data.get("error"), subcode_key="subcode"), data, now)
-        if not _equal(_id(data.get("app_id")), app_id):
+        if not same_text(_id(data.get("app_id")), app_id):
             raise errors.InvalidToken("the access token was issued to another Facebook app")
         kind = data.get("type")
         user_id = _id(data.get("user_id"))
@@ -178,7 +179,7 @@ class FacebookProvider(IdentityProvider):
         me_id = _id(me.get("id"))
         if me_id is None:
             raise errors.UpstreamError("Facebook /me answered without id")
-        if not _equal(me_id, user_id):
+        if not same_text(me_id, user_id):
             # Two answers from Graph about one token naming different people: trust neither.
             raise errors.InvalidToken("the access token and the profile name different users")
 
@@ -394,10 +395,6 @@ def _id(value: Any) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return text(value)
-
-
-def _equal(a: Any, b: str) -> bool:
-    return isinstance(a, str) and hmac.compare_digest(a.encode(), b.encode())
 
 
 def _error_of(value: Any, *, subcode_key: str) -> _GraphError | None:

@@ -33,6 +33,7 @@ URLs in two places, so both are closed here:
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import re
 import threading
@@ -130,6 +131,13 @@ def integer(value: Any) -> int | None:
 def text(value: Any) -> str | None:
     """A non-empty JSON string, else None."""
     return value if isinstance(value, str) and value else None
+
+
+def same_text(value: Any, expected: str) -> bool:
+    """``value`` is the string ``expected``, compared in constant time: app ids, client
+    ids and user ids decide whose token this is, and a timing side channel must not
+    tell an attacker how much of one they have guessed."""
+    return isinstance(value, str) and hmac.compare_digest(value.encode(), expected.encode())
 
 
 def guarded_call(
