@@ -17,6 +17,7 @@ from typing import Any
 import requests
 
 from broker.devstack.oidc_login import login
+from broker.devstack.social_servers import mint_demo_token
 from broker.devstack.stack import STATE_FILE
 
 PROVIDERS = ("demo", "amazon", "facebook")
@@ -35,21 +36,15 @@ def _state(workdir: str) -> dict[str, Any]:
 def provider_token(state: dict[str, Any], provider: str, user: str) -> dict[str, Any]:
     """The request body fields a mobile backend would send for ``user`` at ``provider``."""
     if provider == "demo":
-        subject = next((u for u in state["users"] if user in (u, u.partition("@")[0])), None)
-        if subject is None:
+        if user not in state["users"]:
             raise RuntimeError(
                 f"unknown demo user {user!r}; try one of {', '.join(state['users'])}"
             )
         nonce = secrets.token_urlsafe(16)
-        tokens = login(state["issuer"], subject=subject, client_id=state["client_id"], nonce=nonce)
+        tokens = login(state["issuer"], subject=user, client_id=state["client_id"], nonce=nonce)
         return {"provider": state["provider"], "token": tokens.id_token, "nonce": nonce}
     if provider in ("amazon", "facebook"):
-        response = requests.post(
-            f"{state[f'{provider}_url']}/_demo/token", json={"user": user}, timeout=10
-        )
-        if response.status_code != 200:
-            raise RuntimeError(f"the local {provider} refused demo user {user!r}: {response.text}")
-        return {"provider": provider, "token": response.json()["access_token"]}
+        return {"provider": provider, "token": mint_demo_token(state[f"{provider}_url"], user)}
     raise RuntimeError(f"unknown provider {provider!r}; try one of {', '.join(PROVIDERS)}")
 
 
@@ -63,8 +58,8 @@ def demo_login(
     workdir: str = ".devstack",
 ) -> dict[str, Any]:
     state = _state(workdir)
-    social_user = user.partition("@")[0]  # the stand-ins know their users by first name
-    body = provider_token(state, provider, user if provider == "demo" else social_user)
+    # Every local provider knows its demo users by first name: alice@example.com is alice.
+    body = provider_token(state, provider, user.partition("@")[0])
     if role_arn:
         body["role_arn"] = role_arn
     if duration_seconds:

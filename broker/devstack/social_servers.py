@@ -54,8 +54,7 @@ import string
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -998,15 +997,6 @@ def start_social_servers(
     return SocialServers(amazon=amazon, facebook=facebook)
 
 
-@contextmanager
-def social_servers(**kwargs: Any) -> Iterator[SocialServers]:
-    servers = start_social_servers(**kwargs)
-    try:
-        yield servers
-    finally:
-        servers.stop()
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -1069,25 +1059,18 @@ def _fb_time(unix: float) -> str:
     return datetime.fromtimestamp(unix, UTC).strftime("%A, %d-%b-%y %H:%M:%S UTC")
 
 
-def mint_demo_token(
-    url: str, user: str, *, limited_login_nonce: str | None = None, timeout: float = 10.0
-) -> str:
-    """A demo token from a running stand-in over HTTP (``broker demo-login``): an
-    access token, or with ``limited_login_nonce`` a Facebook Limited Login ID token."""
+def mint_demo_token(url: str, user: str, *, timeout: float = 10.0) -> str:
+    """A demo access token from a running stand-in over HTTP (``broker demo-login``)."""
     import requests
 
-    path = "/_demo/token" if limited_login_nonce is None else "/_demo/limited_login_token"
-    body: dict[str, Any] = {"user": user}
-    if limited_login_nonce is not None:
-        body["nonce"] = limited_login_nonce
     try:
-        response = requests.post(f"{url}{path}", json=body, timeout=timeout)
+        response = requests.post(f"{url}/_demo/token", json={"user": user}, timeout=timeout)
         answer = response.json()
     except (requests.RequestException, ValueError) as exc:
         raise RuntimeError(f"the stand-in at {url} did not answer: {type(exc).__name__}") from None
     if response.status_code != 200 or not isinstance(answer, dict):
-        raise RuntimeError(f"the stand-in refused: {answer}")
-    token = answer.get("authentication_token" if limited_login_nonce else "access_token")
+        raise RuntimeError(f"the stand-in refused demo user {user!r}: {answer}")
+    token = answer.get("access_token")
     if not isinstance(token, str):
         raise RuntimeError("the stand-in answered without a token")
     return token
