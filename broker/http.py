@@ -3,7 +3,9 @@
 Upstream failures become our errors here, in one place: unreachable or timing out is a
 503 (``DependencyUnavailable``); a 5xx or an unparseable body is a 502
 (``UpstreamError``). Messages name the upstream host, never the URL's query string,
-because query strings carry tokens (``tokeninfo?access_token=...``).
+because query strings carry tokens (``tokeninfo?access_token=...``). For the same
+reason the requests/urllib3 exception is not chained onto ours: its message quotes the
+whole URL, and the error handlers log a cause chain with its traceback.
 """
 
 from __future__ import annotations
@@ -69,13 +71,13 @@ class Http:
                 timeout=timeout,
                 allow_redirects=False,
             )
-        except requests.Timeout as exc:
-            raise DependencyUnavailable(f"{what} ({host}) timed out") from exc
+        except requests.Timeout:
+            raise DependencyUnavailable(f"{what} ({host}) timed out") from None
         except requests.RequestException as exc:
             # Includes retries exhausted on 5xx (urllib3 MaxRetryError -> RetryError).
             if isinstance(exc, requests.exceptions.RetryError):
-                raise UpstreamError(f"{what} ({host}) kept failing") from exc
-            raise DependencyUnavailable(f"{what} ({host}) is unreachable") from exc
+                raise UpstreamError(f"{what} ({host}) kept failing") from None
+            raise DependencyUnavailable(f"{what} ({host}) is unreachable") from None
         if response.status_code >= 500:
             raise UpstreamError(f"{what} ({host}) failed with HTTP {response.status_code}")
         try:

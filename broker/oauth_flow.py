@@ -400,12 +400,14 @@ class OAuthFlow:
                     f"{client.provider} refused the broker's client credentials"
                 ) from None
             raise errors.UpstreamError(f"{host} answered {_clean_code(code)}") from None
-        except requests.Timeout as exc:
-            raise errors.DependencyUnavailable(f"{host} timed out") from exc
-        except requests.HTTPError as exc:
-            raise errors.UpstreamError(f"{host} failed") from exc
-        except requests.RequestException as exc:
-            raise errors.DependencyUnavailable(f"{host} is unreachable") from exc
+        # Not chained: the requests exception quotes the URL, and Facebook's exchange is
+        # a GET with the app secret and the code in its query string (as in broker.http).
+        except requests.Timeout:
+            raise errors.DependencyUnavailable(f"{host} timed out") from None
+        except requests.HTTPError:
+            raise errors.UpstreamError(f"{host} failed") from None
+        except requests.RequestException:
+            raise errors.DependencyUnavailable(f"{host} is unreachable") from None
         except ValueError as exc:  # not a JSON object
             raise errors.UpstreamError(f"{host} returned a malformed response") from exc
         if not isinstance(token, Mapping):

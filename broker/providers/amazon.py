@@ -36,7 +36,6 @@ from broker.providers.oauth_common import (
     VERIFICATION_CACHE_MAX_SECONDS,
     VerificationCache,
     check_access_token_shape,
-    guarded_call,
     integer,
     redact_urllib3_urls,
     refuse_nonce,
@@ -148,8 +147,7 @@ class AmazonProvider(IdentityProvider):
         return any(same_text(aud, cid) for cid in self._settings.client_ids)
 
     def _tokeninfo(self, token: str) -> Mapping[str, Any]:
-        result = guarded_call(
-            self._http,
+        result = self._http.get_json(
             self._tokeninfo_url,
             params={"access_token": token},
             timeout=self._settings.timeout_seconds,
@@ -158,8 +156,7 @@ class AmazonProvider(IdentityProvider):
         return _body_or_raise(result, "tokeninfo")
 
     def _profile(self, token: str) -> Mapping[str, Any]:
-        result = guarded_call(
-            self._http,
+        result = self._http.get_json(
             self._profile_url,
             # The bearer header, not the query string: keeps the token out of access logs.
             headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},

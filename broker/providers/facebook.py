@@ -51,7 +51,6 @@ from broker.providers.oauth_common import (
     VERIFICATION_CACHE_MAX_SECONDS,
     VerificationCache,
     check_access_token_shape,
-    guarded_call,
     integer,
     redact_urllib3_urls,
     refuse_nonce,
@@ -274,8 +273,7 @@ class FacebookProvider(IdentityProvider):
         return data
 
     def _call_debug_token(self, token: str, app_token: str) -> HttpResult:
-        return guarded_call(
-            self._http,
+        return self._http.get_json(
             self._debug_token_url,
             params={"input_token": token, "access_token": app_token},
             timeout=self._settings.timeout_seconds,
@@ -283,8 +281,7 @@ class FacebookProvider(IdentityProvider):
         )
 
     def _me(self, token: str) -> Mapping[str, Any]:
-        result = guarded_call(
-            self._http,
+        result = self._http.get_json(
             self._me_url,
             params={
                 "fields": "id,name,email",
@@ -305,8 +302,7 @@ class FacebookProvider(IdentityProvider):
         return result.body
 
     def _fetch_app_token(self) -> str:
-        result = guarded_call(
-            self._http,
+        result = self._http.get_json(
             self._app_token_url,
             params={
                 "client_id": self._settings.app_id,

@@ -22,8 +22,8 @@ Two of the documented calls put the caller's token in a query string
 (``tokeninfo?access_token=``, ``debug_token?input_token=``), and urllib3 quotes request
 URLs in two places, so both are closed here:
 
-* ``guarded_call`` cuts the exception chain of ``Http``'s errors: requests/urllib3
-  exceptions quote the URL, and the error handler logs cause chains.
+* ``Http`` never chains the requests/urllib3 exception, which quotes the URL, onto
+  its own errors (the error handler logs cause chains).
 * ``redact_urllib3_urls`` installs a logging filter that strips query strings from
   urllib3's own log records: its retry warnings (``Retrying (...) after connection
   broken by ...: /auth/o2/tokeninfo?access_token=...``) are WARNING, above the level
@@ -38,11 +38,10 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from broker import errors
-from broker.http import Http, HttpResult
 from broker.identity import VerifiedClaims, VerifiedToken
 from broker.store import Store
 
@@ -138,23 +137,6 @@ def same_text(value: Any, expected: str) -> bool:
     ids and user ids decide whose token this is, and a timing side channel must not
     tell an attacker how much of one they have guessed."""
     return isinstance(value, str) and hmac.compare_digest(value.encode(), expected.encode())
-
-
-def guarded_call(
-    http: Http,
-    url: str,
-    *,
-    timeout: float,
-    what: str,
-    params: Mapping[str, str] | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> HttpResult:
-    """``Http.get_json`` with the exception chain cut (see the module docstring)."""
-    try:
-        return http.get_json(url, timeout=timeout, params=params, headers=headers, what=what)
-    except (errors.DependencyUnavailable, errors.UpstreamError) as exc:
-        # Same class, same message (host and kind of failure, no query string), no cause.
-        raise type(exc)(exc.message, retry_after=exc.retry_after) from None
 
 
 class VerificationCache:

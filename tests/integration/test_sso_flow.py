@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -25,7 +26,7 @@ from botocore.config import Config
 from broker.devstack.federation_server import start_federation_server
 from broker.devstack.oidc_server import DEMO_USERS
 from broker.devstack.processes import free_port
-from broker.devstack.social_servers import SocialServers, social_servers
+from broker.devstack.social_servers import SocialServers, start_social_servers
 from broker.devstack.stack import ADMIN_ROLE, DEMO_BUCKET, DEV_CLIENT_ID, USER_ROLE, Stack
 from broker.sessions import SessionStore
 from tests.conftest import LiveBroker, make_settings, serve
@@ -733,7 +734,7 @@ SOCIAL_RULE = {
 
 @pytest.fixture(scope="module")
 def social() -> Iterator[SocialServers]:
-    with social_servers() as servers:
+    with start_social_servers() as servers:
         yield servers
 
 
@@ -798,6 +799,42 @@ def test_social_provider_enforces_our_pkce(social_web: WebClient, provider: str)
     assert_html_error(r, 401, "invalid_token")
     assert "refused the authorization code" in r.text
     assert social_web.session_id() is None
+
+
+def test_an_unreachable_token_endpoint_logs_no_secret(
+    stack: Stack, social: SocialServers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Facebook's code exchange is a GET with the app secret and the code in the query
+    string; the transport error quotes that URL, so it must not reach the log."""
+    providers = social.provider_config()
+    providers["facebook"]["graph_url"] = f"http://127.0.0.1:{free_port()}"  # nothing listens
+    port = free_port()
+    settings = make_settings(
+        stack,
+        f"http://127.0.0.1:{port}",
+        providers=providers,
+        rules=[SOCIAL_RULE],
+        rate_limit={"per_ip_per_minute": 0, "per_identity_per_minute": 0},
+    )
+    caplog.set_level(logging.DEBUG)
+    for broker in serve(settings, stack, port):
+        web = WebClient(broker)
+        authorize = web.start("facebook")
+        r = web.http.get(f"{authorize}&user=alice", allow_redirects=False, timeout=TIMEOUT)
+        assert r.status_code == 302, r.text
+        callback = r.headers["Location"]
+        r = web.get(callback)
+        assert_html_error(r, 503, "dependency_unavailable")
+        web.http.close()
+
+    code = query(callback)["code"]
+    # Everything but the test server's own access log (production runs with none).
+    logged = "\n".join(
+        caplog.handler.format(record) for record in caplog.records if record.name != "werkzeug"
+    )
+    assert "facebook token endpoint is unreachable" in logged
+    assert social.facebook.app_secret not in logged
+    assert code not in logged
 
 
 def test_amazon_refresh_token_renews_an_expired_session_token(
