@@ -28,7 +28,6 @@ from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
 import jwt
-import redis.exceptions
 
 from broker import errors
 from broker.http import Http
@@ -410,13 +409,9 @@ class JWKSCache:
             return True
         try:
             # SET NX with the cooldown as TTL: whichever process sets it first refetches;
-            # the others wait for the marker to expire. (Store has no plain NX flag yet.)
-            return bool(
-                self._store.client.set(
-                    self._cooldown_key, b"1", nx=True, px=max(1, int(self._cooldown * 1000))
-                )
-            )
-        except redis.exceptions.RedisError as exc:
+            # the others wait for the marker to expire.
+            return self._store.set_flag(self._cooldown_key, ttl=self._cooldown, only_if_new=True)
+        except errors.DependencyUnavailable as exc:
             # The in-process cooldown above still bounds this process.
             log.warning("cannot coordinate the JWKS refresh cooldown in Redis: %s", exc)
             return True

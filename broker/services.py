@@ -126,7 +126,7 @@ class Services:
         return self.identity_ids.identify(verified)
 
     def allowed_roles(self, identity: Identity) -> tuple[str, ...]:
-        return rules.matching_rule(self.settings.rules, identity).roles
+        return rules.allowed_roles(self.settings.rules, identity)
 
     def issue(
         self,
