@@ -74,17 +74,8 @@ class CredentialService:
         )
 
     def get(self, identity: Identity, grant: Grant) -> IssuedCredentials:
-        request = AssumeRequest(
-            role_arn=grant.role_arn,
-            session_name=session_name(identity),
-            web_identity_token=identity.verified.token,
-            provider_id=identity.verified.sts_provider_id,
-            duration_seconds=grant.duration_seconds,
-            policy=grant.session_policy,
-            policy_arns=grant.policy_arns,
-        )
         if not self._settings.enabled:
-            return self._sts.assume_role_with_web_identity(request)
+            return self._assume(identity, grant)
 
         digest = self._digest(identity.identity_id, grant)
         key = self._store.key("creds", digest)
@@ -106,7 +97,7 @@ class CredentialService:
                     cached = self._cached(key)
                     if cached is not None:
                         return cached
-                    issued = self._sts.assume_role_with_web_identity(request)
+                    issued = self._assume(identity, grant)
                     self._put(key, identity.identity_id, issued)
                     return issued
             cached = self._cached(key)
@@ -122,6 +113,20 @@ class CredentialService:
                 )
             time.sleep(poll)
             poll = min(poll * 2, _POLL_MAX_SECONDS)
+
+    def _assume(self, identity: Identity, grant: Grant) -> IssuedCredentials:
+        # Built only on a miss: a cache hit needs neither the session name nor the token.
+        return self._sts.assume_role_with_web_identity(
+            AssumeRequest(
+                role_arn=grant.role_arn,
+                session_name=session_name(identity),
+                web_identity_token=identity.verified.token,
+                provider_id=identity.verified.sts_provider_id,
+                duration_seconds=grant.duration_seconds,
+                policy=grant.session_policy,
+                policy_arns=grant.policy_arns,
+            )
+        )
 
     def forget(self, identity_id: str) -> int:
         """Drop every cached credential of one identity; returns how many were dropped.

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import redis
@@ -51,6 +52,24 @@ class Issued:
     identity: Identity
     grant: Grant
     credentials: IssuedCredentials
+
+    @cached_property
+    def audit(self) -> Mapping[str, Any]:
+        """The audit trail entry for these credentials: who got what, under which rule.
+        AccessKeyId is safe to log (CloudTrail records it too) and lets operators join
+        our log with CloudTrail. Built once: the log line and a stored replay share it."""
+        creds = self.credentials
+        return {
+            "event": "credentials_issued",
+            "identity_id": self.identity.identity_id,
+            "provider": self.identity.provider,
+            "rule": self.grant.rule,
+            "role_arn": self.grant.role_arn,
+            "assumed_role_arn": creds.assumed_role_arn,
+            "access_key_id": creds.access_key_id,
+            "expiration": creds.credential_process()["Expiration"],
+            "session_policy": self.grant.session_policy is not None,
+        }
 
 
 @dataclass(kw_only=True)
@@ -141,7 +160,7 @@ class Services:
         )
         creds = self.credentials.get(identity, grant)
         issued = Issued(identity=identity, grant=grant, credentials=creds)
-        audit_log.info("credentials issued", extra={"audit": audit_record(issued)})
+        audit_log.info("credentials issued", extra={"audit": issued.audit})
         return issued
 
     def limit_address(self, address: str | None) -> None:
@@ -182,24 +201,6 @@ class Services:
             close()
         self.http.close()
         self.store.client.close()
-
-
-def audit_record(issued: Issued) -> dict[str, Any]:
-    """The audit trail entry for credentials handed out: who got what, under which
-    rule. AccessKeyId is safe to log (CloudTrail records it too) and lets operators join
-    our log with CloudTrail."""
-    creds = issued.credentials
-    return {
-        "event": "credentials_issued",
-        "identity_id": issued.identity.identity_id,
-        "provider": issued.identity.provider,
-        "rule": issued.grant.rule,
-        "role_arn": issued.grant.role_arn,
-        "assumed_role_arn": creds.assumed_role_arn,
-        "access_key_id": creds.access_key_id,
-        "expiration": creds.credential_process()["Expiration"],
-        "session_policy": issued.grant.session_policy is not None,
-    }
 
 
 def current_services() -> Services:

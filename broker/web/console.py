@@ -157,13 +157,8 @@ def _signin(
         "console sign-in URL issued",
         extra={
             "audit": {
+                **issued.audit,
                 "event": "console_signin",
-                "identity_id": identity.identity_id,
-                "provider": identity.provider,
-                "rule": issued.grant.rule,
-                "role_arn": issued.grant.role_arn,
-                "assumed_role_arn": issued.credentials.assumed_role_arn,
-                "access_key_id": issued.credentials.access_key_id,
                 "partition": target.partition.name,
                 "destination": signin.destination,
                 "session_source": signin.session_source,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from flask import request
 
 from broker.errors import BrokerError
-from broker.services import Issued, Replay, Services, audit_record
+from broker.services import Issued, Replay, Services
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -123,7 +123,7 @@ class ReplayMiddleware:
                 headers=tuple(headers),
                 body=body,
                 identity_id=issued.identity.identity_id,
-                audit=audit_record(issued),
+                audit=issued.audit,
             ),
             expires_at=self._services.replay_until(issued),
         )
