@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
-
-import redis.exceptions
 
 from broker.errors import DependencyUnavailable
 from broker.identity import Identity
@@ -41,16 +37,6 @@ _POLL_FIRST_SECONDS = 0.01
 _POLL_MAX_SECONDS = 0.1
 # What a caller is told when the leader is still waiting on STS after lock_wait_seconds.
 _BUSY_RETRY_AFTER = 2
-
-# Adds a cache key to its identity's index and stretches the index's TTL to cover it
-# (never shortens it), in one step. Works on Redis 6.2 (no PEXPIRE GT/NX there).
-_INDEX_ADD = """
-redis.call('SADD', KEYS[1], ARGV[1])
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 1
-"""
 
 
 class CredentialService:
@@ -134,14 +120,7 @@ class CredentialService:
         Other workers may still serve their in-memory copy for up to
         ``cache.local_seconds``."""
         self._local.clear()  # this worker's copies of any identity: simple and cheap
-        index = self._index_key(identity_id)
-        with _redis_errors():
-            members = self._store.client.smembers(index)
-            keys = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
-            # One key per call: cache keys may live on different Cluster slots.
-            dropped = sum(int(self._store.client.delete(k)) for k in keys)
-            self._store.client.delete(index)
-        return dropped
+        return self._store.drop_index(self._index_key(identity_id))
 
     # -- internals ---------------------------------------------------------------------
 
@@ -198,20 +177,9 @@ class CredentialService:
         if ttl <= 0:
             return  # shorter-lived than the margin: hand out once, never cache
         # Index first: if the second write fails, forget() still finds the entry.
-        with _redis_errors():
-            self._store.client.eval(
-                _INDEX_ADD, 1, self._index_key(identity_id), key, math.ceil(ttl * 1000)
-            )
+        self._store.index_add(self._index_key(identity_id), key, ttl=ttl)
         self._store.set_sealed(key, _encode(issued), ttl=ttl)
         self._remember(key, issued)
-
-
-@contextmanager
-def _redis_errors() -> Iterator[None]:
-    try:
-        yield
-    except redis.exceptions.RedisError as exc:
-        raise DependencyUnavailable("the broker's state store (Redis) is unavailable") from exc
 
 
 def _encode(issued: IssuedCredentials) -> dict[str, Any]:

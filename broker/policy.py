@@ -49,7 +49,6 @@ _SAFE_VALUE_RE = re.compile(rf"[A-Za-z0-9_+=,.@-]{{1,{MAX_VALUE_CHARS}}}")
 # Identity ids are ours (region:uuid), so their ":" is known and harmless.
 _SAFE_IDENTITY_ID_RE = re.compile(rf"[A-Za-z0-9_+=,.@:-]{{1,{MAX_VALUE_CHARS}}}")
 
-SESSION_NAME_RE = re.compile(r"^[\w+=,.@-]{2,64}$", re.ASCII)  # STS RoleSessionName
 _SESSION_NAME_BAD_CHARS_RE = re.compile(r"[^\w+=,.@-]", re.ASCII)
 SESSION_NAME_MAX = 64
 _SESSION_HASH_CHARS = 10

@@ -9,6 +9,7 @@ Redis faults surface as ``DependencyUnavailable`` (503), never as a 500.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -54,6 +55,16 @@ class Sealer:
             except InvalidTag:
                 continue
         return None
+
+
+# SADD, then PEXPIRE only upwards. Works on Redis 6.2 (no PEXPIRE GT/NX there).
+_INDEX_ADD = """
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
 
 
 def _redis_guard(fn: Callable[P, R]) -> Callable[P, R]:
@@ -162,6 +173,24 @@ class Store:
     @_redis_guard
     def delete(self, *keys: str) -> int:
         return int(self.client.delete(*keys)) if keys else 0
+
+    # -- indexes (a set of keys that belong together) -----------------------------------
+
+    @_redis_guard
+    def index_add(self, index: str, member: str, *, ttl: float) -> None:
+        """Add ``member`` to ``index`` and stretch the index's TTL to cover it (never
+        shorten it), in one step."""
+        self.client.eval(_INDEX_ADD, 1, index, member, math.ceil(ttl * 1000))
+
+    @_redis_guard
+    def drop_index(self, index: str) -> int:
+        """Delete every key in ``index`` and the index; returns how many keys went."""
+        members = self.client.smembers(index)
+        keys = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+        # One key per call: indexed keys may live on different Cluster slots.
+        dropped = sum(int(self.client.delete(k)) for k in keys)
+        self.client.delete(index)
+        return dropped
 
     @_redis_guard
     def ttl_seconds(self, key: str) -> float | None:
