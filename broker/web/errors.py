@@ -35,15 +35,23 @@ def error_response(
     return response
 
 
-def _broker_error(exc: BrokerError) -> Response:
+def log_server_error(exc: BrokerError) -> None:
     if exc.status >= 500:
         # The cause chain may name hosts or codes useful to operators; it never holds a
         # token because no token is ever put in an exception message.
         log.warning("%s: %s", exc.code, exc.message, exc_info=exc.__cause__ is not None)
+
+
+# The JSON handlers, public so a blueprint with its own (HTML) handlers can hand its
+# JSON routes back to them: Flask lets a blueprint's handler shadow the app's.
+
+
+def broker_error(exc: BrokerError) -> Response:
+    log_server_error(exc)
     return error_response(exc.code, exc.message, exc.status, exc.retry_after)
 
 
-def _http_error(exc: HTTPException) -> Response:
+def http_error(exc: HTTPException) -> Response:
     status = exc.code or 500
     code = _HTTP_CODES.get(status, "http_error")
     response = error_response(code, (exc.description or exc.name).rstrip("."), status)
@@ -54,12 +62,12 @@ def _http_error(exc: HTTPException) -> Response:
     return response
 
 
-def _unexpected(_exc: Exception) -> Response:
+def unexpected(_exc: Exception) -> Response:
     log.exception("unhandled error")
     return error_response("internal_error", "internal error", 500)
 
 
 def register(app: Flask) -> None:
-    app.register_error_handler(BrokerError, _broker_error)
-    app.register_error_handler(HTTPException, _http_error)
-    app.register_error_handler(Exception, _unexpected)
+    app.register_error_handler(BrokerError, broker_error)
+    app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(Exception, unexpected)

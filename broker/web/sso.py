@@ -67,8 +67,8 @@ from broker.sessions import (
     set_login_binding,
     web_sso,
 )
+from broker.web import errors as json_errors
 from broker.web.api import issued_json, json_body
-from broker.web.errors import error_response
 from broker.web.security_headers import no_store
 
 log = logging.getLogger(__name__)
@@ -112,27 +112,24 @@ blueprint.after_request(no_store)
 
 @blueprint.errorhandler(BrokerError)
 def _broker_error(exc: BrokerError) -> Response:
-    if exc.status >= 500:
-        log.warning("%s: %s", exc.code, exc.message, exc_info=exc.__cause__ is not None)
     if _is_json_route():
-        return error_response(exc.code, exc.message, exc.status, exc.retry_after)
+        return json_errors.broker_error(exc)
+    json_errors.log_server_error(exc)
     return _error_page(exc.status, exc.code, exc.message, exc=exc)
 
 
 @blueprint.errorhandler(HTTPException)
 def _http_error(exc: HTTPException) -> Response:
-    status = exc.code or 500
-    message = (exc.description or exc.name).rstrip(".")
     if _is_json_route():
-        return error_response("invalid_request" if status == 400 else "http_error", message, status)
-    return _error_page(status, "http_error", message)
+        return json_errors.http_error(exc)
+    return _error_page(exc.code or 500, "http_error", (exc.description or exc.name).rstrip("."))
 
 
 @blueprint.errorhandler(Exception)
-def _unexpected(_exc: Exception) -> Response:
-    log.exception("unhandled error in the web sign-in")
+def _unexpected(exc: Exception) -> Response:
     if _is_json_route():
-        return error_response("internal_error", "internal error", 500)
+        return json_errors.unexpected(exc)
+    log.exception("unhandled error in the web sign-in")
     return _error_page(500, "internal_error", "internal error")
 
 

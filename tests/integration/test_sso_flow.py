@@ -361,6 +361,24 @@ def test_json_credentials_errors_stay_json(web: WebClient) -> None:
     assert r.json()["error"] == "invalid_request"
 
 
+def test_json_session_routes_answer_http_errors_like_the_api(web: WebClient) -> None:
+    """Same codes and headers as POST /v1/credentials, not a generic http_error."""
+    web.login("bob")
+    csrf = web.csrf()
+    too_big = web.broker.settings.server.max_body_bytes + 1
+    r = web.post(
+        "/v1/session/credentials",
+        data=b'{"role_arn": "' + b"a" * too_big + b'"}',
+        headers={"X-CSRF-Token": csrf, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 413
+    assert r.json()["error"] == "request_too_large"
+    r = web.http.delete(web.url("/v1/session"), timeout=TIMEOUT)
+    assert r.status_code == 405
+    assert r.json()["error"] == "method_not_allowed"
+    assert "GET" in r.headers["Allow"]
+
+
 def test_next_path_survives_the_round_trip(web: WebClient) -> None:
     r = web.login("alice", next_path="/credentials?role_arn=" + USER_ROLE)
     assert r.status_code == 303
