@@ -402,18 +402,16 @@ def begin_session(
     return ws
 
 
-def end_session(response: Response) -> WebSession | None:
-    """Destroy the current session (if any) and clear its cookie; returns what it was."""
+def end_session(response: Response) -> None:
+    """Destroy the current session (if any) and clear its cookie."""
     sso = web_sso()
-    ws = load_session()
     sso.sessions.destroy(request.cookies.get(sso.cookie_name))
     clear_cookie(response, sso.cookie_name)
     setattr(g, _G_SESSION, None)
-    return ws
 
 
-def login_binding() -> tuple[str, bool]:
-    """The browser's login-binding value, and whether it must be (re)set as a cookie.
+def login_binding() -> str:
+    """The browser's login-binding value.
 
     One value per browser, reused while it lasts, so sign-ins started in two tabs both
     complete; the pending login stores it and the callback must present it.
@@ -421,8 +419,8 @@ def login_binding() -> tuple[str, bool]:
     sso = web_sso()
     current = request.cookies.get(sso.login_cookie_name)
     if current and _SESSION_ID_RE.match(current):
-        return current, False
-    return secrets.token_urlsafe(SESSION_ID_BYTES), True
+        return current
+    return secrets.token_urlsafe(SESSION_ID_BYTES)
 
 
 def set_login_binding(response: Response, value: str) -> None:

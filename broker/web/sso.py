@@ -254,11 +254,12 @@ def login_start(provider: str) -> Response:
     services = current_services()
     services.provider(provider)  # UnknownProvider (400) before any state is written
     sso = web_sso()
-    browser, new_binding = login_binding()
+    browser = login_binding()
     url = sso.flow.begin(provider, next_path=safe_next(request.args.get("next")), browser=browser)
     response = redirect(url, 302)
-    if new_binding:
-        set_login_binding(response, browser)
+    # Set on every start, even when reused: the cookie must outlive this login's state,
+    # which lives login_state_ttl_seconds from now, not from the first start.
+    set_login_binding(response, browser)
     return response
 
 

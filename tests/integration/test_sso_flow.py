@@ -220,6 +220,20 @@ def test_authorization_request_has_pkce_s256_state_and_nonce(web: WebClient) -> 
     assert len(login_cookies) == 1
 
 
+def test_every_login_start_renews_the_binding_cookie(web: WebClient) -> None:
+    """Its lifetime must cover the newest pending login, not the first one: a login
+    started just before the cookie expired would otherwise fail at the callback."""
+    name = f"{web.cookie_name}_login"
+    first = web.get("/login/demo")
+    again = web.get("/login/demo")
+    values = []
+    for r in (first, again):
+        [cookie] = [c for c in set_cookies(r) if c.startswith(f"{name}=")]
+        assert f"Max-Age={web.broker.settings.web.login_state_ttl_seconds}" in cookie
+        values.append(cookie.split(";")[0])
+    assert values[0] == values[1]  # the same binding: both tabs' logins still complete
+
+
 def test_full_flow_login_roles_credentials_logout(broker: LiveBroker) -> None:
     # Its own broker (and key prefix): it counts every cached credential in Redis.
     web = WebClient(broker)
