@@ -137,9 +137,11 @@ def _error_page(
     status: int, code: str, message: str, *, exc: BrokerError | None = None
 ) -> Response:
     ws: WebSession | None = None
-    # The error may be Redis itself: the page must render without a session then.
-    with suppress(BrokerError):
-        ws = load_session()
+    # The error may be Redis itself: the page renders without a session then, and does
+    # not make the person wait for a second Redis timeout to find that out.
+    if not isinstance(exc, errors.DependencyUnavailable):
+        with suppress(BrokerError):
+            ws = load_session()
     provider = ws.provider if ws is not None and isinstance(exc, errors.ExpiredToken) else None
     response = make_response(
         render_template(
@@ -379,6 +381,7 @@ def credentials_page() -> Response:
         raise errors.Unauthenticated("your session has ended; sign in again")
     check_csrf(ws, request.form.get("csrf_token"))
     identity = session_identity(ws)
+    ws = load_session() or ws  # as renewed by session_identity, if its token had expired
     services = current_services()
     issued = services.issue(
         identity,
@@ -388,7 +391,7 @@ def credentials_page() -> Response:
     return make_response(
         render_template(
             "credentials.html",
-            ws=load_session() or ws,
+            ws=ws,
             identity=_identity_view(ws),
             issued=issued_json(issued),
             snippets=snippets(issued, sts_endpoint=services.settings.sts.endpoint_url),
