@@ -63,15 +63,16 @@ def _layer_is_safe(value: str) -> bool:
     return not parts.scheme and not parts.netloc
 
 
-def safe_next(value: str | None, *, default: str = DEFAULT) -> str:
-    """``value`` when it is a same-origin relative path, else ``default``."""
+def safe_next(value: str | None, *, default: str = DEFAULT, forbid: str = "") -> str:
+    """``value`` when it is a same-origin relative path, else ``default``. Characters in
+    ``forbid`` are refused too, in every percent-decoding layer."""
     if not value or len(value) > MAX_LENGTH:
         return default
     if not _ALLOWED.match(value) or _BAD_ESCAPE.search(value):
         return default
     layer = value
     for _ in range(MAX_DECODE_ROUNDS):
-        if not _layer_is_safe(layer):
+        if not _layer_is_safe(layer) or any(c in layer for c in forbid):
             return default
         try:
             decoded = unquote(layer, errors="strict") if "%" in layer else layer
@@ -87,5 +88,5 @@ def safe_next(value: str | None, *, default: str = DEFAULT) -> str:
     return default
 
 
-def is_safe_next(value: str | None) -> bool:
-    return bool(value) and safe_next(value, default="") == value
+def is_safe_next(value: str | None, *, forbid: str = "") -> bool:
+    return bool(value) and safe_next(value, default="", forbid=forbid) == value
