@@ -29,26 +29,23 @@ Start it in-process (tests, ``broker dev``)::
     settings: console.federation_url = server.url          # http://127.0.0.1:N/federation
     ...
     server.stop()
-
-or as a process: ``python -m broker.devstack.federation_server --port N --sts-url URL``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import secrets
-import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, request
 from markupsafe import escape
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+from broker.devstack.processes import ThreadedServer, serve_in_thread
 
 SIGNIN_TOKEN_LIFETIME_SECONDS = 15 * 60  # "valid for 15 minutes after it is created"
 SESSION_DURATION_MIN = 900
@@ -285,22 +282,14 @@ def create_federation_app(state: FederationState) -> Flask:
     return app
 
 
-class _QuietHandler(WSGIRequestHandler):
-    """Never logs request lines: getSigninToken's query string holds credentials."""
-
-    def log_request(self, *_args: object, **_kwargs: object) -> None:
-        return
-
-
 @dataclass(kw_only=True)
 class FederationServer:
-    server: BaseWSGIServer
-    thread: threading.Thread
+    served: ThreadedServer
     state: FederationState
 
     @property
     def port(self) -> int:
-        return int(self.server.server_port)
+        return self.served.port
 
     @property
     def url(self) -> str:
@@ -313,9 +302,7 @@ class FederationServer:
             return list(self.state.records)
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        self.served.stop()
 
     def __enter__(self) -> FederationServer:
         return self
@@ -340,38 +327,5 @@ def start_federation_server(
             raise ValueError("pass sts_url (the local STS) or a verifier")
         verifier = sts_verifier(sts_url, region=region)
     state = FederationState(verifier=verifier, clock=clock)
-    server = make_server(
-        "127.0.0.1",
-        port,
-        create_federation_app(state),
-        threaded=True,
-        request_handler=_QuietHandler,
-    )
-    thread = threading.Thread(target=server.serve_forever, name="federation-stand-in", daemon=True)
-    thread.start()
-    return FederationServer(server=server, thread=thread, state=state)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m broker.devstack.federation_server",
-        description="local stand-in for the AWS sign-in federation endpoint",
-    )
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--sts-url", required=True, help="the local STS (moto) URL")
-    args = parser.parse_args(argv)
-    server = start_federation_server(sts_url=args.sts_url, port=args.port)
-    # SIGTERM (ManagedProcess.stop) takes the same way out as Ctrl-C.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        while server.thread.is_alive():
-            server.thread.join(1)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    served = serve_in_thread(create_federation_app(state), name="federation-stand-in", port=port)
+    return FederationServer(served=served, state=state)

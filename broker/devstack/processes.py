@@ -7,15 +7,55 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class QuietRequestHandler(WSGIRequestHandler):
+    """Never logs request lines: the stand-ins' query strings hold tokens, app secrets
+    and credentials (tokeninfo, debug_token, oauth/access_token, getSigninToken)."""
+
+    def log_request(self, *_args: object, **_kwargs: object) -> None:
+        return
+
+
+@dataclass(frozen=True)
+class ThreadedServer:
+    """A WSGI app on 127.0.0.1, served by a daemon thread (in-process stand-ins)."""
+
+    server: BaseWSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def serve_in_thread(app: WSGIApplication, *, name: str, port: int = 0) -> ThreadedServer:
+    server = make_server("127.0.0.1", port, app, threaded=True, request_handler=QuietRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
+    thread.start()
+    return ThreadedServer(server, thread)
 
 
 def wait_for_port(

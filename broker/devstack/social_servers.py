@@ -65,7 +65,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import Flask, Response, request
 from markupsafe import escape
 from werkzeug.routing import BaseConverter, Map
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+from broker.devstack.processes import ThreadedServer, serve_in_thread
 
 # --------------------------------------------------------------------------- demo data
 
@@ -175,8 +176,7 @@ class FakeProvider:
         self._fault_endpoint: str | None = None
         self._fault_times: int | None = None
         self._released = threading.Event()
-        self._server: BaseWSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._served: ThreadedServer | None = None
 
     # -- knobs ------------------------------------------------------------------------
 
@@ -229,29 +229,20 @@ class FakeProvider:
 
     @property
     def port(self) -> int:
-        assert self._server is not None, "not started"
-        return int(self._server.server_port)
+        assert self._served is not None, "not started"
+        return self._served.port
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def serve(self, app: Flask, *, port: int = 0) -> None:
-        self._server = make_server(
-            "127.0.0.1", port, app, threaded=True, request_handler=_QuietHandler
-        )
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name=f"{self.what}-stand-in", daemon=True
-        )
-        self._thread.start()
+        self._served = serve_in_thread(app, name=f"{self.what}-stand-in", port=port)
 
     def stop(self) -> None:
         self._released.set()  # let hanging requests finish now
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
+        if self._served is not None:
+            self._served.stop()
 
     def _before(self) -> Response | None:
         """Count the request; answer with the configured fault if one applies."""
@@ -998,13 +989,6 @@ def start_social_servers(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class _QuietHandler(WSGIRequestHandler):
-    """Never logs request lines: query strings carry tokens and the app secret."""
-
-    def log_request(self, *_args: object, **_kwargs: object) -> None:
-        return
 
 
 class _RegexConverter(BaseConverter):

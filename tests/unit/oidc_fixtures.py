@@ -27,10 +27,9 @@ import pytest
 import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from broker.devstack.processes import ManagedProcess
+from broker.devstack.processes import ManagedProcess, serve_in_thread
 from broker.devstack.redis_server import start_redis
 from broker.settings import OIDCProviderSettings
 from broker.store import Sealer, Store
@@ -174,13 +173,11 @@ class FakeIdP:
         self.hits: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._release = threading.Event()
-        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._served = serve_in_thread(self._app, name="fake-idp")
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}"
+        return f"http://127.0.0.1:{self._served.port}"
 
     @property
     def jwks_url(self) -> str:
@@ -241,9 +238,7 @@ class FakeIdP:
 
     def close(self) -> None:
         self._release.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+        self._served.stop()
 
 
 def _json(body: Any, *, status: int = 200) -> Response:
