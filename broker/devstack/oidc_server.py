@@ -47,11 +47,11 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import flask
-import requests
 import werkzeug.debug
 import werkzeug.serving
 from werkzeug.wrappers import Response
 
+from broker.devstack.oidc_login import discover
 from broker.devstack.processes import ManagedProcess, free_port
 
 if TYPE_CHECKING:
@@ -341,7 +341,8 @@ def _advertise(app: flask.Flask, extra: Mapping[str, Any]) -> None:
 def build_app(
     port: int, users: Sequence[Mapping[str, Any]], *, require_nonce: bool = False
 ) -> flask.Flask:
-    """The mock's Flask app with the launcher's changes (see the module docstring).
+    """The mock's Flask app with the launcher's changes (see the module docstring), for
+    ``users`` as ``validate_users`` returned them.
 
     The returned app answers only requests whose Host is ``127.0.0.1:port`` or
     ``localhost:port``.
@@ -350,7 +351,7 @@ def build_app(
 
     user_claims = [
         oidc_provider_mock.User(sub=u["sub"], claims={k: v for k, v in u.items() if k != "sub"})
-        for u in validate_users(users)
+        for u in users
     ]
     app: flask.Flask = oidc_provider_mock.app(user_claims=user_claims, require_nonce=require_nonce)
     _strip_debugger(app)
@@ -459,18 +460,14 @@ def start_oidc_provider(
     def ready() -> None:
         # The port being open is not enough: make sure it is *this* provider, serving
         # discovery under the issuer we hand out.
-        with requests.Session() as http:
-            http.trust_env = False  # never send loopback traffic through an env proxy
-            doc = http.get(f"{issuer}/.well-known/openid-configuration", timeout=5).json()
-        if doc.get("issuer") != issuer:
-            raise RuntimeError(f"provider on port {port} reports issuer {doc.get('issuer')!r}")
+        discover(issuer)
 
     return ManagedProcess(
         "oidc-provider",
         argv,
         port=port,
         log_path=workdir / f"oidc-{port}.log",
-        env={"AUTHLIB_INSECURE_TRANSPORT": "1", "PYTHONUNBUFFERED": "1"},
+        env={"PYTHONUNBUFFERED": "1"},
         ready=ready,
     )
 

@@ -178,6 +178,10 @@ class Stack:
     federation: FederationServer
     keys: Mapping[str, str]
 
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis.port}/0"
+
     def config(self, broker_url: str, *, social: bool = False) -> dict[str, Any]:
         """The dev configuration; ``social`` adds the Login with Amazon and Facebook
         providers (Limited Login on) served by the local stand-ins."""
@@ -188,7 +192,7 @@ class Stack:
         )
         return dev_config(
             broker_url=broker_url,
-            redis_url=f"redis://127.0.0.1:{self.redis.port}/0",
+            redis_url=self.redis_url,
             sts_url=self.moto.url,
             issuer=self.oidc.url,
             keys=self.keys,
@@ -244,10 +248,12 @@ def run_dev(*, port: int, workdir: str) -> int:
             "client_id": DEV_CLIENT_ID,
             "provider": DEV_PROVIDER,
             "sts_url": stack.moto.url,
-            "redis_url": f"redis://127.0.0.1:{stack.redis.port}/0",
+            "redis_url": stack.redis_url,
             "users": [u["sub"] for u in DEMO_USERS],
             "amazon_url": stack.social.amazon.url,
+            "amazon_users": list(stack.social.amazon.users),
             "facebook_url": stack.social.facebook.url,
+            "facebook_users": list(stack.social.facebook.users),
             "federation_url": stack.federation.url,
             "pid": os.getpid(),
         }
@@ -278,8 +284,8 @@ def _banner(state: Mapping[str, Any]) -> str:
 Broker dev stack is up.
   broker        {url}      (health: {url}/readyz)
   OIDC provider {state["issuer"]}   demo users: {", ".join(state["users"])}
-  Amazon (LWA)  {state["amazon_url"]}   demo users: alice, bob, mallory
-  Facebook      {state["facebook_url"]}   demo users: alice, bob, mallory
+  Amazon (LWA)  {state["amazon_url"]}   demo users: {", ".join(state["amazon_users"])}
+  Facebook      {state["facebook_url"]}   demo users: {", ".join(state["facebook_users"])}
   STS (moto)    {state["sts_url"]}
   Federation    {state["federation_url"]}
   Redis         {state["redis_url"]}
