@@ -365,10 +365,6 @@ class ConsoleSignin:
     session_duration_seconds: int  # its length from now
 
 
-def iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 class FederationClient:
     """The AWS sign-in federation endpoint (``getSigninToken``).
 

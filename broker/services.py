@@ -27,7 +27,7 @@ from broker.providers.base import IdentityProvider
 from broker.rules import Grant
 from broker.settings import Settings
 from broker.store import Sealer, Store, connect
-from broker.sts import STS, BotocoreSTS, IssuedCredentials
+from broker.sts import STS, BotocoreSTS, IssuedCredentials, iso_utc
 
 audit_log = logging.getLogger("broker.audit")
 
@@ -67,7 +67,7 @@ class Issued:
             "role_arn": self.grant.role_arn,
             "assumed_role_arn": creds.assumed_role_arn,
             "access_key_id": creds.access_key_id,
-            "expiration": creds.credential_process()["Expiration"],
+            "expiration": iso_utc(creds.expiration),
             "session_policy": self.grant.session_policy is not None,
         }
 

@@ -82,8 +82,16 @@ class IssuedCredentials:
             "AccessKeyId": self.access_key_id,
             "SecretAccessKey": self.secret_access_key,
             "SessionToken": self.session_token,
-            "Expiration": self.expiration.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "Expiration": iso_utc(self.expiration),
         }
+
+
+def iso_utc(moment: datetime | float) -> str:
+    """AWS's timestamp form, as in credential_process's Expiration: UTC, whole seconds,
+    a "Z". Used for every time the broker hands out, so they all read alike."""
+    if not isinstance(moment, datetime):
+        moment = datetime.fromtimestamp(moment, UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class STS(Protocol):

@@ -42,6 +42,7 @@ from broker.errors import BadRequest, Unauthenticated
 from broker.identity import Identity
 from broker.safe_redirect import safe_next
 from broker.services import Issued, Services, current_services
+from broker.sts import iso_utc
 from broker.web.api import json_body
 from broker.web.security_headers import no_store
 
@@ -162,7 +163,7 @@ def _signin(
                 "partition": target.partition.name,
                 "destination": signin.destination,
                 "session_source": signin.session_source,
-                "session_expires_at": console.iso(signin.session_expires_at),
+                "session_expires_at": iso_utc(signin.session_expires_at),
             }
         },
     )
@@ -273,7 +274,7 @@ def console_url() -> Response:
     return jsonify(
         {
             "url": result.url,
-            "expires_at": console.iso(result.expires_at),
+            "expires_at": iso_utc(result.expires_at),
             "identity_id": identity.identity_id,
             "role_arn": issued.grant.role_arn,
             "assumed_role_arn": issued.credentials.assumed_role_arn,
@@ -281,7 +282,7 @@ def console_url() -> Response:
             # How long the console session lasts, and what decides it: the requested
             # SessionDuration, or (when none was sent) the credentials' own lifetime.
             "session_duration_seconds": result.session_duration_seconds,
-            "session_expires_at": console.iso(result.session_expires_at),
+            "session_expires_at": iso_utc(result.session_expires_at),
             "session_source": result.session_source,
         }
     )

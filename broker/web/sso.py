@@ -29,7 +29,6 @@ import logging
 import shlex
 from collections.abc import Mapping
 from contextlib import suppress
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -67,6 +66,7 @@ from broker.sessions import (
     set_login_binding,
     web_sso,
 )
+from broker.sts import iso_utc
 from broker.web import errors as json_errors
 from broker.web.api import issued_json, json_body
 from broker.web.security_headers import no_store
@@ -185,8 +185,8 @@ def _identity_view(ws: WebSession) -> dict[str, Any]:
         "identity_id": sso.services.identity_ids.derive(ws.provider, ws.subject),
         # Expired with no refresh token: the page offers a new sign-in up front.
         "token_expired": ws.token_expired(now) and not ws.refresh_token,
-        "token_expires_at": _iso(ws.token_expires_at),
-        "session_expires_at": _iso(
+        "token_expires_at": iso_utc(ws.token_expires_at),
+        "session_expires_at": iso_utc(
             min(
                 ws.created_at + sso.settings.session_absolute_seconds,
                 ws.last_seen + sso.settings.session_idle_seconds,
@@ -202,10 +202,6 @@ def _roles(ws: WebSession) -> tuple[tuple[str, ...], str | None]:
         return services.allowed_roles(web_sso().identity(ws)), None
     except errors.AccessDenied as exc:
         return (), exc.message
-
-
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _console_available() -> bool:
