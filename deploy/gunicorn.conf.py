@@ -2,22 +2,20 @@
 
     gunicorn -c deploy/gunicorn.conf.py 'broker.wsgi:create_app()'
 
-The broker reads its configuration from the file named by BROKER_CONFIG.
+The broker reads its configuration from the file named by BROKER_CONFIG. The settings
+themselves are `broker.server.gunicorn_options`, the ones `broker serve` uses, so the
+two ways to run the broker cannot drift apart; only where they come from differs here
+(the environment, as platforms that read a Procfile set it).
 """
 
-import multiprocessing
 import os
 
-bind = os.environ.get("BIND", f"0.0.0.0:{os.environ.get('PORT', '8000')}")
-workers = int(os.environ.get("WEB_CONCURRENCY", 2 * multiprocessing.cpu_count()))
-# gthread: requests spend their time waiting on STS, the IdP and Redis, not on CPU.
-worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "8"))
-timeout = 30
-graceful_timeout = 20
-keepalive = 5
-# No access log: request lines may hold query strings; the broker writes its own audit log.
-accesslog = None
-errorlog = "-"
-# Fail a worker at start, not at first request, if the config is wrong.
-preload_app = False
+from broker.server import gunicorn_options
+
+globals().update(
+    gunicorn_options(
+        bind=os.environ.get("BIND", f"0.0.0.0:{os.environ.get('PORT', '8000')}"),
+        workers=int(os.environ["WEB_CONCURRENCY"]) if "WEB_CONCURRENCY" in os.environ else None,
+        threads=int(os.environ.get("GUNICORN_THREADS", "8")),
+    )
+)
