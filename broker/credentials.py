@@ -122,6 +122,12 @@ class CredentialService:
         self._local.clear()  # this worker's copies of any identity: simple and cheap
         return self._store.drop_index(self._index_key(identity_id))
 
+    def memory_until(self, issued: IssuedCredentials) -> float:
+        """Until when a worker may hand these credentials out from memory: at most
+        ``local_seconds`` from now, and never inside the safety margin."""
+        now = self._clock()
+        return min(now + self._settings.local_seconds, now + self._remaining(issued))
+
     # -- internals ---------------------------------------------------------------------
 
     def _digest(self, identity_id: str, grant: Grant) -> str:
@@ -161,12 +167,7 @@ class CredentialService:
         return issued
 
     def _remember(self, key: str, issued: IssuedCredentials) -> None:
-        now = self._clock()
-        self._local.put(
-            key,
-            issued,
-            expires_at=min(now + self._settings.local_seconds, now + self._remaining(issued)),
-        )
+        self._local.put(key, issued, expires_at=self.memory_until(issued))
 
     def _remaining(self, issued: IssuedCredentials) -> float:
         """Seconds the credentials may still be handed out."""

@@ -183,12 +183,9 @@ class Services:
         """How long an identical request may get this answer again without re-running
         the pipeline: no longer than a worker may keep credentials in memory, than the
         upstream token is valid, or than the credentials may be handed out."""
-        cache = self.settings.cache
-        now = time.time()
         return min(
-            now + cache.local_seconds,
+            self.credentials.memory_until(issued.credentials),
             float(issued.identity.verified.expires_at),
-            issued.credentials.expiration.timestamp() - cache.safety_margin_seconds,
         )
 
     def forget(self, identity_id: str) -> int:
