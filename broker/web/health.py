@@ -23,7 +23,8 @@ def readyz() -> Response:
     try:
         services.store.ping()
     except StoreUnavailable as exc:
-        response = jsonify({"status": "unavailable", "redis": "unreachable"})
+        # The broker's error shape, plus what the probe found.
+        response = jsonify({**exc.to_dict(), "status": "unavailable", "redis": "unreachable"})
         response.status_code = 503
         # Like every 503 of the broker: when to ask again.
         response.headers["Retry-After"] = str(exc.retry_after)
