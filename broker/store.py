@@ -199,9 +199,9 @@ class RedisGuard:
             if fault is not None:
                 self._open_until = self._clock() + self._fail_fast_seconds
                 self._count_failure(fault)
-            elif self._outage is not None and (probe or not self._probing):
-                # An answer from Redis ends the outage (a call admitted before it began
-                # may answer first: that counts too).
+            elif probe and self._outage is not None:
+                # Only the probe ends an outage: a call admitted before the outage began
+                # may still bring a late answer, which says nothing about Redis now.
                 recovered, self._outage = self._outage, None
                 self._open_until = float("-inf")
         if recovered is not None:
