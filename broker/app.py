@@ -10,6 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from broker.services import EXTENSION_KEY, Services
 from broker.settings import Settings, load_settings
+from broker.store import request_scope
 from broker.web import api, console, errors, health, replay, security_headers, sso
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     # Inside ProxyFix (below), so a replay sees the client address the proxy reported.
     app.wsgi_app = replay.ReplayMiddleware(app.wsgi_app, services)  # type: ignore[method-assign]
     # Outside the replay, whose rate-limit checks talk to Redis too.
-    app.wsgi_app = _redis_scope(app.wsgi_app, services)  # type: ignore[method-assign,assignment]
+    app.wsgi_app = _redis_scope(app.wsgi_app)  # type: ignore[method-assign,assignment]
     if settings.server.trusted_proxies:
         # Only behind a known number of proxies may X-Forwarded-* be believed; otherwise a
         # client could pick its own address and dodge per-IP rate limits.
@@ -48,12 +49,12 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     return app
 
 
-def _redis_scope(app: WSGIApplication, services: Services) -> WSGIApplication:
+def _redis_scope(app: WSGIApplication) -> WSGIApplication:
     """Each request is one Redis scope: after one failed Redis call, the rest of the
     request does not wait on Redis again (see broker.store)."""
 
     def scoped(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        with services.store.guard.request_scope():
+        with request_scope():
             return app(environ, start_response)
 
     return scoped

@@ -111,8 +111,19 @@ class _Scope:
     failed: bool = False
 
 
-# The current request's scope (``RedisGuard.request_scope``); None outside requests.
+# The current request's scope (``request_scope``); None outside requests.
 _scope: ContextVar[_Scope | None] = ContextVar("broker_redis_scope", default=None)
+
+
+@contextmanager
+def request_scope() -> Iterator[None]:
+    """One request (create_app wraps each in one): once one of its Redis calls has
+    failed, every later one fails at once instead of waiting on Redis again."""
+    token = _scope.set(_Scope())
+    try:
+        yield
+    finally:
+        _scope.reset(token)
 
 
 @dataclass
@@ -144,15 +155,6 @@ class RedisGuard:
         self._open_until = float("-inf")  # calls before this fail at once
         self._probing = False  # one call is finding out whether Redis is back
         self._outage: _Outage | None = None
-
-    @contextmanager
-    def request_scope(self) -> Iterator[None]:
-        """Inside, once one Redis call has failed, every later one fails at once."""
-        token = _scope.set(_Scope())
-        try:
-            yield
-        finally:
-            _scope.reset(token)
 
     def call(self, op: Callable[[], R]) -> R:
         scope = _scope.get()

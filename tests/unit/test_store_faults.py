@@ -26,7 +26,7 @@ from broker.errors import StoreUnavailable
 from broker.identity import Identity, IdentityIds, VerifiedClaims, VerifiedToken
 from broker.rules import Grant
 from broker.settings import CacheSettings, RedisSettings
-from broker.store import RedisGuard, Sealer, Store, connect
+from broker.store import RedisGuard, Sealer, Store, connect, request_scope
 from broker.sts import AssumeRequest, IssuedCredentials
 from tests.redis_faults import FaultyRedis
 from tests.unit.oidc_fixtures import FakeClock
@@ -116,7 +116,7 @@ def test_a_request_waits_on_redis_for_at_most_one_socket_timeout(
     faulty.fault(fault)
     errors: list[BaseException | None] = []
     start = time.monotonic()
-    with s.guard.request_scope():
+    with request_scope():
         for name in ("get_sealed", "lock", "set_sealed", "hit", "delete"):
             errors.append(timed(lambda name=name: CALLS[name](s))[0])  # type: ignore[misc]
     elapsed = time.monotonic() - start
@@ -127,7 +127,7 @@ def test_a_request_waits_on_redis_for_at_most_one_socket_timeout(
         assert elapsed >= TIMEOUT * 0.9  # the first call really waited on a frozen Redis
     # A new request asks Redis again (this guard does not fail fast).
     faulty.restore()
-    with s.guard.request_scope():
+    with request_scope():
         assert s.ping()
     s.client.close()
 
@@ -223,7 +223,7 @@ def test_an_outage_logs_one_warning_then_summaries_then_one_recovery_line(
     faulty.fault(case.fault)
     failures = 0
     for _ in range(int(case.seconds / 0.25)):
-        with s.guard.request_scope():
+        with request_scope():
             for call in ("hit", "get_sealed"):  # the second one fails fast in the scope
                 with pytest.raises(StoreUnavailable):
                     CALLS[call](s)
@@ -304,7 +304,7 @@ def test_credentials_minted_while_redis_fails_still_reach_the_caller(
     sts = STSStandIn(during=lambda: faulty.fault(fault))
     service = CredentialService(sts=sts, store=store, settings=CACHE, config_version="v1")
 
-    with store.guard.request_scope():
+    with request_scope():
         start = time.monotonic()
         issued = service.get(alice(), GRANT)
         elapsed = time.monotonic() - start
@@ -325,6 +325,6 @@ def test_a_redis_fault_before_sts_is_a_503_and_sts_is_never_called(
     service = CredentialService(sts=sts, store=store, settings=CACHE, config_version="v1")
     faulty.fault(fault)
 
-    with store.guard.request_scope(), pytest.raises(StoreUnavailable):
+    with request_scope(), pytest.raises(StoreUnavailable):
         service.get(alice(), GRANT)
     assert sts.calls == 0
