@@ -171,6 +171,8 @@ class RedisGuard:
             if outage and scope is not None:
                 scope.failed = True
             self._settle(probe, exc if outage else None)
+            # Fail closed with a clear 503: without Redis we can neither deduplicate STS
+            # calls nor enforce one-time state, sessions or rate limits.
             if not outage:
                 # Redis answered, with an error (out of memory, a bug of ours): worth a
                 # line each, and not a reason to stop asking it.
@@ -273,7 +275,7 @@ def connect(settings: RedisSettings) -> redis.Redis:
 
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(settings.sentinels),
-            # redis-py's default for sentinel connections retries 3 times with backoff.
+            # Sentinel clients would otherwise get redis-py's default: many retries, backoff.
             sentinel_kwargs={
                 "retry": no_retry,
                 "socket_timeout": settings.socket_timeout_seconds,
