@@ -243,6 +243,43 @@ def test_redis_failing_while_a_request_holds_the_lock_still_hands_out_the_creden
     assert not [r for r in caplog.records if r.exc_info]
 
 
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_follower_waiting_for_the_leader_gets_a_quick_503_when_redis_fails(
+    unlimited: Broker, redis_server: FaultyRedis, fault: str
+) -> None:
+    unlimited.wait_ready()
+    leader_in_sts = threading.Event()
+
+    def during() -> None:
+        leader_in_sts.set()
+        time.sleep(0.5)  # the follower is polling the cache for the leader's result
+        redis_server.fault(fault)
+
+    leader_body, follower_body = token_body(unlimited), token_body(unlimited)  # both alice
+    unlimited.sts.during = during
+    leader: list[requests.Response] = []
+    thread = threading.Thread(
+        target=lambda: leader.append(
+            requests.post(f"{unlimited.url}/v1/credentials", json=leader_body, timeout=30)
+        )
+    )
+    try:
+        thread.start()
+        assert leader_in_sts.wait(30)
+        start = time.monotonic()
+        follower = requests.post(f"{unlimited.url}/v1/credentials", json=follower_body, timeout=30)
+        elapsed = time.monotonic() - start
+        thread.join(30)
+    finally:
+        unlimited.sts.during = None
+
+    assert follower.status_code == 503, follower.text
+    assert follower.headers["Retry-After"] == "2"
+    # Not the lock wait (cache.lock_wait_seconds, 20 s): the fault, then one timeout.
+    assert elapsed < 0.5 + TIMEOUT + SLACK + 1.0
+    assert leader[0].status_code == 200, leader[0].text
+
+
 # --------------------------------------------------------------------------- the log
 
 
