@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from broker.services import EXTENSION_KEY, Services
 from broker.settings import Settings, load_settings
+from broker.store import request_scope
 from broker.web import api, console, errors, health, replay, security_headers, sso
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 
 def create_app(settings: Settings | None = None, *, services: Services | None = None) -> Flask:
@@ -20,6 +27,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.config.update(MAX_CONTENT_LENGTH=settings.server.max_body_bytes)
     # Inside ProxyFix (below), so a replay sees the client address the proxy reported.
     app.wsgi_app = replay.ReplayMiddleware(app.wsgi_app, services)  # type: ignore[method-assign]
+    # Outside the replay, whose rate-limit checks talk to Redis too.
+    app.wsgi_app = _redis_scope(app.wsgi_app)  # type: ignore[method-assign,assignment]
     if settings.server.trusted_proxies:
         # Only behind a known number of proxies may X-Forwarded-* be believed; otherwise a
         # client could pick its own address and dodge per-IP rate limits.
@@ -38,3 +47,14 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.register_blueprint(console.blueprint)
     security_headers.install(app)
     return app
+
+
+def _redis_scope(app: WSGIApplication) -> WSGIApplication:
+    """Each request is one Redis scope: after one failed Redis call, the rest of the
+    request does not wait on Redis again (see broker.store)."""
+
+    def scoped(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        with request_scope():
+            return app(environ, start_response)
+
+    return scoped

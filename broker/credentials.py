@@ -10,6 +10,10 @@ A burst of requests for one uncached entry, from any number of threads and broke
 processes, makes one STS call: the first to take the entry's Redis lock calls STS and
 fills the cache; the others poll the cache until it is filled, or take the lock over if
 the leader failed and released it.
+
+Credentials STS has minted reach the caller even when Redis fails before they are
+cached, or when the lock cannot be released: they are valid, and the cache is only an
+optimisation from then on (the next request calls STS again; the lock expires).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from broker.errors import DependencyUnavailable
+from broker.errors import DependencyUnavailable, StoreUnavailable
 from broker.identity import Identity
 from broker.memo import ExpiringCache
 from broker.policy import session_name
@@ -177,10 +181,15 @@ class CredentialService:
         ttl = self._remaining(issued)
         if ttl <= 0:
             return  # shorter-lived than the margin: hand out once, never cache
-        # Index first: if the second write fails, forget() still finds the entry.
-        self._store.index_add(self._index_key(identity_id), key, ttl=ttl)
-        self._store.set_sealed(key, _encode(issued), ttl=ttl)
         self._remember(key, issued)
+        try:
+            # Index first: if the second write fails, forget() still finds the entry.
+            self._store.index_add(self._index_key(identity_id), key, ttl=ttl)
+            self._store.set_sealed(key, _encode(issued), ttl=ttl)
+        except StoreUnavailable:
+            # Logged by the store. The credentials are valid: hand them out uncached
+            # rather than turn a successful STS call into an error.
+            pass
 
 
 def _encode(issued: IssuedCredentials) -> dict[str, Any]:

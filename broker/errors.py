@@ -21,9 +21,13 @@ different branches so code can tell them apart::
         ├── ConfigurationError            500 configuration_error (a rule/policy is wrong)
         ├── UpstreamError                 502 upstream_error (IdP or STS answered badly)
         ├── UpstreamThrottled             503 upstream_throttled
-        └── DependencyUnavailable         503 dependency_unavailable (Redis, IdP unreachable)
+        └── DependencyUnavailable         503 dependency_unavailable (STS, IdP unreachable)
+            └── StoreUnavailable          503 dependency_unavailable (Redis)
 
 Messages are written for the caller and never contain tokens, secrets or credentials.
+
+Every 503 tells the client when to come back: the 503 classes carry a default
+``retry_after`` (rendered as ``Retry-After``), so no raise site can forget it.
 """
 
 from __future__ import annotations
@@ -35,11 +39,16 @@ class BrokerError(Exception):
     code: ClassVar[str] = "internal_error"
     status: ClassVar[int] = 500
     default_message: ClassVar[str] = "internal error"
+    # Seconds a client should wait before retrying (rendered as Retry-After), unless
+    # the raise site knows better.
+    default_retry_after: ClassVar[int | None] = None
+    # True when whoever raises it has already logged the fault in its own way (the
+    # store's outage log), so the error handler must not log each occurrence again.
+    logged_at_source: ClassVar[bool] = False
 
     def __init__(self, message: str | None = None, *, retry_after: int | None = None) -> None:
         self.message = message or self.default_message
-        # Seconds a client should wait before retrying (rendered as Retry-After).
-        self.retry_after = retry_after
+        self.retry_after = retry_after if retry_after is not None else self.default_retry_after
         super().__init__(self.message)
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,13 +132,32 @@ class UpstreamError(ServerError):
     default_message = "an upstream service failed"
 
 
+# What a 503 says when the raise site has no better figure: long enough that a retry
+# does not land inside the same outage at once, short enough for a client to wait.
+THROTTLED_RETRY_AFTER = 2
+UNAVAILABLE_RETRY_AFTER = 5
+# Redis: the store fails fast for about a second after a fault, then probes again.
+STORE_RETRY_AFTER = 2
+
+
 class UpstreamThrottled(ServerError):
     status = 503
     code = "upstream_throttled"
     default_message = "an upstream service is throttling requests"
+    default_retry_after = THROTTLED_RETRY_AFTER
 
 
 class DependencyUnavailable(ServerError):
     status = 503
     code = "dependency_unavailable"
     default_message = "a service the broker depends on is unavailable"
+    default_retry_after = UNAVAILABLE_RETRY_AFTER
+
+
+class StoreUnavailable(DependencyUnavailable):
+    """Redis failed. Clients see the same code as any dependency; the store logs the
+    outage once and then in summaries (``broker.store``), never per request."""
+
+    default_message = "the broker's state store (Redis) is unavailable"
+    default_retry_after = STORE_RETRY_AFTER
+    logged_at_source = True

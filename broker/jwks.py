@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
@@ -207,7 +208,9 @@ class RemoteDocument(Generic[T]):
     def _read_shared(self, *, newer_than: float | None) -> _Snapshot[T] | None:
         try:
             entry = self._store.get_json(self._redis_key)
-        except (errors.DependencyUnavailable, ValueError) as exc:
+        except errors.StoreUnavailable:
+            return None  # the store logs the outage (once, not per request)
+        except ValueError as exc:
             log.warning("cannot read the cached %s from Redis: %s", self._what, exc)
             return None
         if not isinstance(entry, dict):
@@ -225,14 +228,12 @@ class RemoteDocument(Generic[T]):
         return _Snapshot(value, float(fetched_at), float(fetched_at) + self._cache_seconds)
 
     def _write_shared(self, raw: Any, fetched_at: float) -> None:
-        try:
+        with suppress(errors.StoreUnavailable):  # the store logs the outage
             self._store.set_json(
                 self._redis_key,
                 {"fetched_at": fetched_at, "document": raw},
                 ttl=self._cache_seconds,
             )
-        except errors.DependencyUnavailable as exc:
-            log.warning("cannot cache the %s in Redis: %s", self._what, exc)
 
 
 def _newest(a: _Snapshot[T] | None, b: _Snapshot[T] | None) -> _Snapshot[T] | None:
@@ -411,7 +412,7 @@ class JWKSCache:
             # SET NX with the cooldown as TTL: whichever process sets it first refetches;
             # the others wait for the marker to expire.
             return self._store.set_flag(self._cooldown_key, ttl=self._cooldown, only_if_new=True)
-        except errors.DependencyUnavailable as exc:
-            # The in-process cooldown above still bounds this process.
-            log.warning("cannot coordinate the JWKS refresh cooldown in Redis: %s", exc)
+        except errors.StoreUnavailable:
+            # The in-process cooldown above still bounds this process; the store logs
+            # the outage.
             return True

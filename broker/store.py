@@ -3,30 +3,67 @@
 Every key carries the configured prefix and a TTL; secrets (credentials, upstream
 tokens, session data) are sealed with AES-256-GCM before they reach Redis, with the key
 name as associated data so a sealed value cannot be replayed under another key.
-Redis faults surface as ``DependencyUnavailable`` (503), never as a 500.
+
+Failure policy (``RedisGuard``): every Redis call a ``Store`` makes, lock acquire and
+release included, goes through one guard, so
+
+* a Redis fault is ``StoreUnavailable`` (503, ``Retry-After: 2``), never a 500;
+* a request waits on a dead or frozen Redis for at most one socket timeout
+  (``redis.socket_timeout_seconds``) in total: redis-py is built without retries or
+  health-check PINGs (each would be a second wait), once one call of a request has
+  failed the rest of that request fails at once, and for ``FAIL_FAST_SECONDS`` after a
+  fault every call in the process fails at once; then one call probes Redis while the
+  others keep failing fast;
+* an outage is logged as one warning naming the cause, then one summary every
+  ``OUTAGE_SUMMARY_SECONDS`` while it lasts, then one line when Redis answers again:
+  never a traceback per request.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from typing import Any, ParamSpec, TypeVar
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import redis
 import redis.exceptions
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from broker.errors import DependencyUnavailable
+from broker.errors import StoreUnavailable
 from broker.settings import RedisSettings
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+# After a connection fault or timeout, every Redis call in this process fails at once
+# for this long: a dead or frozen Redis then costs one request one socket timeout, not
+# every request one each, and no worker thread queues behind it.
+FAIL_FAST_SECONDS = 1.0
+# While Redis stays unavailable, the failures are summed up in one warning this often.
+OUTAGE_SUMMARY_SECONDS = 5.0
+# Faults that say Redis cannot serve us at all right now (down, frozen, failing over),
+# as opposed to an error answer to one command.
+_OUTAGE_ERRORS: tuple[type[redis.exceptions.RedisError], ...] = (
+    redis.exceptions.ConnectionError,  # includes BusyLoadingError
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,  # a replica promoted under us: failover in progress
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+)
 
 _NONCE_BYTES = 12
 _VERSION = b"\x01"
@@ -67,61 +104,222 @@ return 1
 """
 
 
-def _redis_guard(fn: Callable[P, R]) -> Callable[P, R]:
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except redis.exceptions.RedisError as exc:
-            # Fail closed with a clear 503: without Redis we can neither deduplicate STS
-            # calls nor enforce one-time state.
-            raise DependencyUnavailable("the broker's state store (Redis) is unavailable") from exc
+@dataclass
+class _Scope:
+    """One request's dealings with Redis: whether a call has already failed."""
 
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
+    failed: bool = False
+
+
+# The current request's scope (``request_scope``); None outside requests.
+_scope: ContextVar[_Scope | None] = ContextVar("broker_redis_scope", default=None)
+
+
+@contextmanager
+def request_scope() -> Iterator[None]:
+    """One request (create_app wraps each in one): once one of its Redis calls has
+    failed, every later one fails at once instead of waiting on Redis again."""
+    token = _scope.set(_Scope())
+    try:
+        yield
+    finally:
+        _scope.reset(token)
+
+
+@dataclass
+class _Outage:
+    started: float
+    window_started: float
+    failures: int = 0  # since window_started
+    total: int = 0
+
+
+class RedisGuard:
+    """Turns Redis faults into ``StoreUnavailable`` and bounds how long anyone waits.
+
+    One per store (so one per worker process), shared by its threads. See the module
+    docstring for the promise; ``clock`` is monotonic time, injectable for tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        fail_fast_seconds: float = FAIL_FAST_SECONDS,
+        summary_seconds: float = OUTAGE_SUMMARY_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._fail_fast_seconds = fail_fast_seconds
+        self._summary_seconds = summary_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._open_until = float("-inf")  # calls before this fail at once
+        self._probing = False  # one call is finding out whether Redis is back
+        self._outage: _Outage | None = None
+
+    def call(self, op: Callable[[], R]) -> R:
+        scope = _scope.get()
+        if scope is not None and scope.failed:
+            with self._lock:
+                if self._outage is not None:
+                    self._count_failure(None)
+            raise StoreUnavailable()
+        probe = self._admit()
+        try:
+            result = op()
+        except redis.exceptions.RedisError as exc:
+            outage = isinstance(exc, _OUTAGE_ERRORS)
+            if outage and scope is not None:
+                scope.failed = True
+            self._settle(probe, exc if outage else None)
+            # Fail closed with a clear 503: without Redis we can neither deduplicate STS
+            # calls nor enforce one-time state, sessions or rate limits.
+            if not outage:
+                # Redis answered, with an error (out of memory, a bug of ours): worth a
+                # line each, and not a reason to stop asking it.
+                log.warning("Redis refused a command: %s", _describe(exc))
+            raise StoreUnavailable() from exc
+        except BaseException:
+            self._settle(probe, None)  # Redis answered; what failed is ours
+            raise
+        self._settle(probe, None)
+        return result
+
+    def _admit(self) -> bool:
+        """Whether this call is the probe after a fault; raises while failing fast."""
+        with self._lock:
+            if self._outage is None:
+                return False
+            if self._probing or self._clock() < self._open_until:
+                self._count_failure(None)
+                raise StoreUnavailable()
+            self._probing = True
+            return True
+
+    def _settle(self, probe: bool, fault: BaseException | None) -> None:
+        recovered: _Outage | None = None
+        with self._lock:
+            if probe:
+                self._probing = False
+            if fault is not None:
+                self._open_until = self._clock() + self._fail_fast_seconds
+                self._count_failure(fault)
+            elif probe and self._outage is not None:
+                # Only the probe ends an outage: a call admitted before the outage began
+                # may still bring a late answer, which says nothing about Redis now.
+                recovered, self._outage = self._outage, None
+                self._open_until = float("-inf")
+        if recovered is not None:
+            log.info(
+                "Redis is available again after %.1f s (%d calls failed meanwhile)",
+                self._clock() - recovered.started,
+                recovered.total,
+            )
+
+    def _count_failure(self, fault: BaseException | None) -> None:
+        """Under the lock: one warning when an outage starts, then periodic summaries."""
+        now = self._clock()
+        outage = self._outage
+        if outage is None:
+            self._outage = _Outage(started=now, window_started=now, failures=1, total=1)
+            log.warning(
+                "Redis is unavailable (%s); requests that need it get 503 until it answers again",
+                _describe(fault) if fault is not None else "unknown cause",
+            )
+            return
+        outage.failures += 1
+        outage.total += 1
+        elapsed = now - outage.window_started
+        if elapsed >= self._summary_seconds:
+            log.warning(
+                "Redis still unavailable: %d failures in the last %.0f s (down for %.0f s)",
+                outage.failures,
+                elapsed,
+                now - outage.started,
+            )
+            outage.window_started, outage.failures = now, 0
+
+
+def _describe(exc: BaseException) -> str:
+    # redis-py's messages name the host and the failure, never a password; cut short
+    # anyway, since an error answer may quote part of a command.
+    return f"{type(exc).__name__}: {exc}"[:200]
+
+
+def _guarded(fn: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[Store, P], R]:
+    """A Store method whose Redis calls go through the store's guard."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Store, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.guard.call(lambda: fn(self, *args, **kwargs))
+
     return wrapper
 
 
 def connect(settings: RedisSettings) -> redis.Redis:
+    # No retries, no health-check PING: each would be one more socket timeout inside a
+    # single call, on top of the first (redis-py nests its retries: connect, PING and
+    # command each retry on their own). A connection the server closed (a restart) is
+    # still replaced at no cost: the pool checks a connection before handing it out.
+    no_retry = Retry(NoBackoff(), retries=0)
     common: dict[str, Any] = {
-        # One quick retry, not redis-py's default backoff: with Redis down a request
-        # should get its 503 in about one socket timeout, not several seconds later.
-        "retry": Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=1),
+        "retry": no_retry,
         "socket_timeout": settings.socket_timeout_seconds,
         "socket_connect_timeout": settings.socket_timeout_seconds,
-        "health_check_interval": 30,
+        # Keeps idle connections alive through NATs and firewalls, which would otherwise
+        # drop them silently and turn the next command into a timeout.
+        "socket_keepalive": True,
+        "health_check_interval": 0,
     }
     if settings.mode == "sentinel":
         from redis.sentinel import Sentinel
 
-        sentinel = Sentinel(list(settings.sentinels), **common)  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(settings.sentinels),
+            # Sentinel clients would otherwise get redis-py's default: many retries, backoff.
+            sentinel_kwargs={
+                "retry": no_retry,
+                "socket_timeout": settings.socket_timeout_seconds,
+                "socket_connect_timeout": settings.socket_timeout_seconds,
+            },
+            **common,
+        )
         master: redis.Redis = sentinel.master_for(settings.sentinel_service)  # type: ignore[no-untyped-call]
         return master
     if settings.mode == "cluster":
         from redis.cluster import RedisCluster
 
         # RedisCluster shares the command API we use; all our multi-key operations
-        # stay within one key, so no hash tags are needed.
+        # stay within one key, so no hash tags are needed. Its own retry (10 attempts by
+        # default, rediscovering the cluster in between) is switched off as well.
         return RedisCluster.from_url(settings.url, **common)  # type: ignore[return-value]
     return redis.Redis.from_url(settings.url, **common)
 
 
 class Store:
-    def __init__(self, *, client: redis.Redis, prefix: str, sealer: Sealer) -> None:
+    def __init__(
+        self,
+        *,
+        client: redis.Redis,
+        prefix: str,
+        sealer: Sealer,
+        guard: RedisGuard | None = None,
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self._sealer = sealer
+        self.guard = guard or RedisGuard()
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
     # -- plain JSON -------------------------------------------------------------------
 
-    @_redis_guard
+    @_guarded
     def get_json(self, key: str) -> Any | None:
         raw = self.client.get(key)
         return None if raw is None else json.loads(raw)
 
-    @_redis_guard
+    @_guarded
     def set_json(self, key: str, value: Any, *, ttl: float) -> None:
         self.client.set(key, json.dumps(value, separators=(",", ":")), px=_ttl_ms(ttl))
 
@@ -138,11 +336,11 @@ class Store:
         plain = self._sealer.open(raw, context=key.encode())
         return None if plain is None else json.loads(plain)
 
-    @_redis_guard
+    @_guarded
     def get_sealed(self, key: str) -> Any | None:
         return self._open(key, self.client.get(key))
 
-    @_redis_guard
+    @_guarded
     def set_sealed(
         self,
         key: str,
@@ -163,26 +361,26 @@ class Store:
             )
         )
 
-    @_redis_guard
+    @_guarded
     def take_sealed(self, key: str) -> Any | None:
         """Read and delete in one step: one-time values (OAuth state) cannot be replayed."""
         return self._open(key, self.client.getdel(key))
 
     # -- misc --------------------------------------------------------------------------
 
-    @_redis_guard
+    @_guarded
     def delete(self, *keys: str) -> int:
         return int(self.client.delete(*keys)) if keys else 0
 
     # -- indexes (a set of keys that belong together) -----------------------------------
 
-    @_redis_guard
+    @_guarded
     def index_add(self, index: str, member: str, *, ttl: float) -> None:
         """Add ``member`` to ``index`` and stretch the index's TTL to cover it (never
         shorten it), in one step."""
         self.client.eval(_INDEX_ADD, 1, index, member, math.ceil(ttl * 1000))
 
-    @_redis_guard
+    @_guarded
     def drop_index(self, index: str) -> int:
         """Delete every key in ``index`` and the index; returns how many keys went."""
         members = self.client.smembers(index)
@@ -192,12 +390,12 @@ class Store:
         self.client.delete(index)
         return dropped
 
-    @_redis_guard
+    @_guarded
     def ttl_seconds(self, key: str) -> float | None:
         ms = self.client.pttl(key)
         return None if ms is None or int(ms) < 0 else int(ms) / 1000
 
-    @_redis_guard
+    @_guarded
     def hit(self, key: str, *, window: float) -> int:
         """Count one event in a fixed window; the counter key expires with the window."""
         # SET NX PX then INCR in one MULTI: INCR keeps the TTL, and unlike PEXPIRE NX this
@@ -208,33 +406,36 @@ class Store:
         _, count = pipe.execute()
         return int(count)
 
-    @_redis_guard
+    @_guarded
     def set_flag(self, key: str, *, ttl: float, only_if_new: bool = False) -> bool:
         """Set a marker key; with only_if_new, True only for the first caller in the TTL."""
         return bool(self.client.set(key, b"1", px=_ttl_ms(ttl), nx=only_if_new))
 
-    @_redis_guard
+    @_guarded
     def ping(self) -> bool:
         return bool(self.client.ping())
 
     @contextmanager
     def lock(self, name: str, *, timeout: float, wait: float) -> Iterator[bool]:
-        """A Redis lock shared by every broker process; yields whether it was acquired."""
+        """A Redis lock shared by every broker process; yields whether it was acquired.
+
+        The release never raises: if Redis fails then, the lock expires by itself after
+        ``timeout``, and whatever the holder did (minted credentials, say) stands."""
         lock = self.client.lock(self.key("lock", name), timeout=timeout)
-        acquired = False
+        acquired = self.guard.call(lambda: bool(lock.acquire(blocking=True, blocking_timeout=wait)))
         try:
-            try:
-                acquired = bool(lock.acquire(blocking=True, blocking_timeout=wait))
-            except redis.exceptions.RedisError as exc:
-                raise DependencyUnavailable(
-                    "the broker's state store (Redis) is unavailable"
-                ) from exc
             yield acquired
         finally:
             if acquired:
-                # LockError: it expired while held and the next caller already took over.
-                with suppress(redis.exceptions.LockError):
-                    lock.release()
+                # Logged by the guard; the lock's TTL frees it.
+                with suppress(StoreUnavailable):
+                    self.guard.call(lambda: _release(lock))
+
+
+def _release(lock: Any) -> None:
+    # LockError: it expired while held and the next caller already took over.
+    with suppress(redis.exceptions.LockError):
+        lock.release()
 
 
 def _ttl_ms(seconds: float) -> int:

@@ -36,6 +36,7 @@ from botocore.exceptions import ClientError, HTTPClientError, ParamValidationErr
 from botocore.parsers import ResponseParserError
 
 from broker.errors import (
+    THROTTLED_RETRY_AFTER,
     AccessDenied,
     BadRequest,
     BrokerError,
@@ -106,7 +107,7 @@ SESSION_NAME_RE = re.compile(r"^[\w+=,.@-]{2,64}$", re.ASCII)
 
 _RETRY_BASE_SECONDS = 0.1
 # STS sends no Retry-After; this is what we tell clients when it throttles us.
-_THROTTLED_RETRY_AFTER = 2
+_THROTTLED_RETRY_AFTER = THROTTLED_RETRY_AFTER
 _THROTTLING = frozenset({"Throttling", "ThrottlingException", "RequestLimitExceeded"})
 # Only these are worth another attempt: STS asked us to slow down, or could not reach
 # the IdP. Every other STS error is a verdict on the request and would be the same again.

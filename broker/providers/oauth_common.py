@@ -39,6 +39,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 from broker import errors
@@ -162,11 +163,8 @@ class VerificationCache:
         key = self.key(token)
         try:
             value = self._store.get_sealed(key)
-        except errors.DependencyUnavailable as exc:
-            log.warning(
-                "%s: verification cache unavailable, asking upstream: %s", self._provider, exc
-            )
-            return None
+        except errors.StoreUnavailable:
+            return None  # ask upstream; the store logs the outage (once, not per request)
         except ValueError:  # not JSON: written by something else; ignore it
             return None
         if not isinstance(value, dict) or value.get("v") != _CACHE_VERSION:
@@ -232,7 +230,6 @@ class VerificationCache:
             "expires_at": verified.expires_at,
             # Deliberately no token: the caller presents it again on every request.
         }
-        try:
+        # Not cached this time when Redis fails; the store logs the outage.
+        with suppress(errors.StoreUnavailable):
             self._store.set_sealed(self.key(verified.token), value, ttl=ttl)
-        except errors.DependencyUnavailable as exc:
-            log.warning("%s: cannot cache a verified token: %s", self._provider, exc)

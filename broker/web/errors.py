@@ -1,6 +1,7 @@
 """One place that turns every failure into the broker's JSON error shape.
 
-A client never sees HTML, a stack trace or an exception message we did not write.
+A client never sees HTML, a stack trace or an exception message we did not write. A
+503 always carries ``Retry-After``: the error's own figure, else the dependency default.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import logging
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from broker.errors import BrokerError
+from broker.errors import UNAVAILABLE_RETRY_AFTER, BrokerError
 
 log = logging.getLogger("broker.errors")
 
@@ -30,13 +31,17 @@ def error_response(
     response = jsonify({"error": code, "message": message})
     response.status_code = status
     response.headers["Cache-Control"] = "no-store"
+    if retry_after is None and status == 503:
+        retry_after = UNAVAILABLE_RETRY_AFTER
     if retry_after is not None:
         response.headers["Retry-After"] = str(retry_after)
     return response
 
 
 def log_server_error(exc: BrokerError) -> None:
-    if exc.status >= 500:
+    # A Redis outage is logged by the store, once and then in summaries: logging it
+    # here too would write a traceback per request for as long as the outage lasts.
+    if exc.status >= 500 and not exc.logged_at_source:
         # The cause chain may name hosts or codes useful to operators; it never holds a
         # token because no token is ever put in an exception message.
         log.warning("%s: %s", exc.code, exc.message, exc_info=exc.__cause__ is not None)

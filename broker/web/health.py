@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from broker.errors import DependencyUnavailable
+from broker.errors import StoreUnavailable
 from broker.services import current_services
 
 blueprint = Blueprint("health", __name__)
@@ -18,12 +18,17 @@ def healthz() -> Response:
 
 
 @blueprint.get("/readyz")
-def readyz() -> tuple[Response, int]:
+def readyz() -> Response:
     services = current_services()
     try:
         services.store.ping()
-    except DependencyUnavailable:
-        return jsonify({"status": "unavailable", "redis": "unreachable"}), 503
+    except StoreUnavailable as exc:
+        # The broker's error shape, plus what the probe found.
+        response = jsonify({**exc.to_dict(), "status": "unavailable", "redis": "unreachable"})
+        response.status_code = 503
+        # Like every 503 of the broker: when to ask again.
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     return jsonify(
         {"status": "ready", "redis": "ok", "config_version": services.settings.config_version}
-    ), 200
+    )
