@@ -240,7 +240,9 @@ def _read_body(response: requests.Response, deadline: float) -> bytes:
         while True:
             if time.monotonic() >= deadline:
                 raise _Failure("timeout", "timed out", retryable=False)
-            chunk = response.raw.read(_CHUNK_BYTES, decode_content=True)
+            # read1: whatever has arrived (one recv), so the deadline is checked between
+            # recvs; read() would wait for a full chunk however slowly it trickles in.
+            chunk = response.raw.read1(_CHUNK_BYTES, decode_content=True)
             if not chunk:
                 return b"".join(chunks)
             size += len(chunk)
