@@ -725,3 +725,55 @@ def test_budget_defaults_and_bound_sit_well_under_the_worker_timeout() -> None:
     assert MAX_UPSTREAM_BUDGET_SECONDS <= WORKER_TIMEOUT_SECONDS / 2
     top = settings_from_mapping(config(upstream={"budget_seconds": 15}), env={})
     assert top.upstream.budget_seconds == MAX_UPSTREAM_BUDGET_SECONDS
+
+
+# --------------------------------------------------------------------------- the API
+
+
+def test_the_api_answers_a_hung_idp_with_a_quick_503_and_retry_after(
+    idp: FakeIdP, redis_proc: ManagedProcess
+) -> None:
+    """Through create_app: every caller gets the JSON 503 with a Retry-After header, the
+    first within the budget, the rest without queueing; a refused answer never says
+    'unreachable' for a timeout."""
+    from broker.app import create_app
+    from broker.services import Services
+
+    idp.mode = "hang"
+    raw = config(
+        redis={"url": f"redis://127.0.0.1:{redis_proc.port}/0", "key_prefix": f"t{uuid.uuid4()}:"},
+        upstream={"budget_seconds": 2},
+        corp={
+            "issuer": "https://idp.example.test",
+            "client_ids": ["broker-web"],
+            "jwks_url": idp.jwks_url,
+            "timeout_seconds": 1.5,
+        },
+        rate_limit={"per_ip_per_minute": 0, "per_identity_per_minute": 0},
+    )
+    services = Services.build(settings_from_mapping(raw, env={}))
+    try:
+        client = create_app(services=services).test_client()
+        token = sign(K1, claims(audience="broker-web"))
+
+        def call(_: int) -> Any:
+            return client.post("/v1/credentials", json={"provider": "corp", "token": token})
+
+        results = concurrently(6, call)
+        times = sorted(seconds for seconds, _ in results)
+        for _, response in results:
+            assert response.status_code == 503
+            assert response.is_json
+            assert response.get_json()["error"] == "dependency_unavailable"
+            assert int(response.headers["Retry-After"]) >= 1
+            assert token not in response.get_data(as_text=True)
+        messages = [response.get_json()["message"] for _, response in results]
+        assert any("timed out after" in m for m in messages), messages
+        assert not any("unreachable" in m for m in messages), messages
+        assert all(t <= FOLLOWER_WAIT_SECONDS + MARGIN for t in times[:-1]), times
+        assert times[-1] <= 2.0 + MARGIN
+        # The leader's attempts within its budget (1.5 s, then the 0.5 s left), not one
+        # fetch per caller.
+        assert idp.jwks_hits <= 2
+    finally:
+        services.close()
