@@ -172,7 +172,7 @@ def test_flood_of_unknown_kids_refetches_at_most_the_bucket(
     assert idp.jwks_hits == 2 + JWKS_REFRESH_BURST
 
 
-def test_cooldown_is_shared_between_processes(
+def test_refresh_bucket_is_shared_between_processes(
     idp: FakeIdP, http: Http, store: Store, clock: FakeClock
 ) -> None:
     workers = [make_cache(idp, http, store, clock) for _ in range(4)]
