@@ -8,8 +8,9 @@ Promises (held by ``tests/unit/test_upstream_faults.py``):
   ``with http.budget():`` share one deadline, so the verification of one token
   (discovery then JWKS; ``tokeninfo`` then the profile; the app token, ``debug_token``
   and ``/me``) spends at most one budget on its provider in total. Each attempt waits at
-  most ``timeout`` per read and never past the deadline; the body is read against the
-  deadline too.
+  most ``timeout`` per read, and at the deadline its socket is shut down (``_Watch``),
+  so an upstream that trickles its status line, headers or body a byte at a time is
+  cut off there too.
 * **Bounded retries.** Connection failures, timeouts and 500/502/503/504 are retried up
   to ``retries`` times with an exponential pause, and only while the budget lasts.
 * **Errors name what happened.** No answer in time is a 503 ``"... timed out after N s"``;
@@ -31,15 +32,18 @@ from __future__ import annotations
 import contextvars
 import json
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 from urllib.parse import urlsplit
 
 import requests
+import urllib3.connection
+import urllib3.connectionpool
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
@@ -78,6 +82,85 @@ _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 )
 
 
+class _Watch:
+    """The deadline of one attempt, enforced on its socket.
+
+    A read timeout bounds each ``recv``, not a whole answer: an upstream that sends its
+    status line and headers a byte at a time could hold a request far past its budget.
+    At the deadline the watch shuts the socket down, which ends any read at once.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self.fired = False
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def attach(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.fired:
+                self._shutdown()
+
+    def close(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._sock = None
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._sock is not None:
+            with suppress(OSError):  # already closed: nothing left to stop
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+
+# The watch of the attempt this thread is making (set around each attempt).
+_watch: contextvars.ContextVar[_Watch | None] = contextvars.ContextVar(
+    "broker_upstream_watch", default=None
+)
+
+
+class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
+    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+        watch = _watch.get()
+        if watch is not None:
+            watch.attach(self.sock)
+        return super().getresponse()
+
+
+class _WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+        watch = _watch.get()
+        if watch is not None:
+            watch.attach(self.sock)
+        return super().getresponse()
+
+
+class _WatchedHTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _Adapter(HTTPAdapter):
+    """requests' adapter with connections whose sockets an attempt's ``_Watch`` can stop."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _WatchedHTTPPool,
+            "https": _WatchedHTTPSPool,
+        }
+
+
 class HttpResult:
     def __init__(self, status: int, body: Any) -> None:
         self.status = status
@@ -108,7 +191,7 @@ class Http:
         self.session = requests.Session()
         # Retries are ours (request_json), not urllib3's: urllib3 knows neither the budget
         # nor how to tell a timeout from a refused connection once it has given up.
-        adapter = HTTPAdapter(max_retries=0, pool_connections=16, pool_maxsize=64)
+        adapter = _Adapter(max_retries=0, pool_connections=16, pool_maxsize=64)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
@@ -190,6 +273,41 @@ class Http:
         what: str,
         host: str,
     ) -> HttpResult:
+        watch = _Watch(deadline)
+        token = _watch.set(watch)
+        try:
+            return self._watched_attempt(
+                method,
+                url,
+                timeout=timeout,
+                deadline=deadline,
+                params=params,
+                data=data,
+                headers=headers,
+                what=what,
+                host=host,
+            )
+        except (_Failure, UpstreamError):
+            if watch.fired:  # the deadline cut the answer short: that is a timeout
+                raise _Failure("timeout", "timed out", retryable=False) from None
+            raise
+        finally:
+            _watch.reset(token)
+            watch.close()
+
+    def _watched_attempt(
+        self,
+        method: str,
+        url: str,
+        *,
+        timeout: float,
+        deadline: float,
+        params: Mapping[str, str] | None,
+        data: Mapping[str, str] | None,
+        headers: Mapping[str, str] | None,
+        what: str,
+        host: str,
+    ) -> HttpResult:
         try:
             with self.session.request(
                 method,
@@ -201,25 +319,20 @@ class Http:
                 allow_redirects=False,
                 stream=True,
             ) as response:
-                status = response.status_code
-                if status >= 500:
-                    raise _Failure(
-                        "upstream",
-                        f"failed with HTTP {status}",
-                        retryable=status in _RETRY_STATUSES,
-                    )
-                raw = _read_body(response, deadline)
+                try:
+                    return _json_result(response, deadline, what=what, host=host)
+                finally:
+                    # Before the connection goes back to the pool: a watch firing late
+                    # must never stop a connection another request has taken.
+                    watch = _watch.get()
+                    if watch is not None:
+                        watch.close()
         except requests.Timeout:
             raise _Failure("timeout", "timed out", retryable=True) from None
         except (requests.ConnectionError, urllib3.exceptions.ProtocolError):
             raise _Failure("unreachable", "is unreachable", retryable=True) from None
         except requests.RequestException:
             raise _Failure("unreachable", "is unreachable", retryable=False) from None
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise UpstreamError(f"{what} ({host}) returned a malformed response") from None
-        return HttpResult(status, body)
 
     def get_json(self, url: str, **kwargs: Any) -> HttpResult:
         return self.request_json("GET", url, **kwargs)
@@ -229,6 +342,22 @@ class Http:
 
     def close(self) -> None:
         self.session.close()
+
+
+def _json_result(
+    response: requests.Response, deadline: float, *, what: str, host: str
+) -> HttpResult:
+    status = response.status_code
+    if status >= 500:
+        raise _Failure(
+            "upstream", f"failed with HTTP {status}", retryable=status in _RETRY_STATUSES
+        )
+    raw = _read_body(response, deadline)
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise UpstreamError(f"{what} ({host}) returned a malformed response") from None
+    return HttpResult(status, body)
 
 
 def _read_body(response: requests.Response, deadline: float) -> bytes:

@@ -9,6 +9,7 @@ once" from "after a timeout".
 from __future__ import annotations
 
 import re
+import socketserver
 import threading
 import time
 import uuid
@@ -105,6 +106,51 @@ class Misbehaving:
     def close(self) -> None:
         self.release.set()
         self.served.stop()
+
+
+class TrickledHeaders(socketserver.ThreadingTCPServer):
+    """Raw sockets: a status line, then one header byte every 0.2 s for 30 s. Each read
+    gets a byte well within any read timeout; only a deadline on the whole answer ends it.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        release = self.release
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                self.request.recv(65536)
+                self.request.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                for _ in range(150):
+                    if release.wait(0.2):
+                        return
+                    try:
+                        self.request.sendall(b"a")
+                    except OSError:
+                        return  # the client gave up: what the test wants
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/headers"
+
+    def close(self) -> None:
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+
+@pytest.fixture(scope="module")
+def trickled_headers() -> Iterator[TrickledHeaders]:
+    served = TrickledHeaders()
+    yield served
+    served.close()
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +268,20 @@ def test_every_call_ends_within_the_budget_and_says_what_happened(
     if outcome.status == 503:
         assert outcome.retry_after is not None
         assert outcome.retry_after >= 1
+
+
+@pytest.mark.parametrize(("timeout", "budget"), [(1.0, 1.5), (10.0, 1.0)])
+def test_trickled_headers_are_cut_at_the_deadline(
+    trickled_headers: TrickledHeaders, timeout: float, budget: float
+) -> None:
+    http = Http(retries=2, backoff_seconds=0.05, budget_seconds=budget)
+    try:
+        seconds, outcome = elapsed(lambda: http.get_json(trickled_headers.url, timeout=timeout))
+    finally:
+        http.close()
+    assert isinstance(outcome, errors.DependencyUnavailable), outcome
+    assert "timed out after" in outcome.message
+    assert seconds <= budget + MARGIN
 
 
 def test_a_timeout_is_never_called_unreachable(server: Misbehaving) -> None:
