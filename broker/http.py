@@ -486,27 +486,28 @@ class SingleFlight(Generic[T]):
         try:
             value = work()
         except BACKOFF_ERRORS as exc:
+            if exc.retry_after is None:
+                exc.retry_after = max(1, math.ceil(self._backoff))
+            flight.error = exc
             with self._lock:
                 # From now: the moment the failed attempt ended.
                 self._retry_at = self._clock() + self._backoff
                 self._last_error = exc
                 self._flight = None
-            if exc.retry_after is None:
-                exc.retry_after = max(1, math.ceil(self._backoff))
-            flight.error = exc
             flight.done.set()
             raise
         except BaseException as exc:
+            flight.error = exc if isinstance(exc, BrokerError) else BrokerError()
             with self._lock:
                 self._flight = None
-            flight.error = exc if isinstance(exc, BrokerError) else BrokerError()
             flight.done.set()
             raise
+        # The result is on the flight before it is retired, so no follower misses it.
+        flight.value = value
         with self._lock:
             self._retry_at = -math.inf
             self._last_error = None
             self._flight = None
-        flight.value = value
         flight.done.set()
         return value
 

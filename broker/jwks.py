@@ -127,7 +127,6 @@ class RemoteDocument(Generic[T]):
         self._timeout = timeout
         self._what = what
         self._host = urlsplit(url).netloc
-        self._backoff = failure_backoff_seconds
         self._clock = clock
         self._lock = threading.Lock()  # guards the snapshot swap only; never held for I/O
         self._snapshot: _Snapshot[T] | None = None
