@@ -4,16 +4,24 @@ Two cache layers: an in-process snapshot (no I/O on the hot path) and a copy in 
 so a new worker or node starts warm and one refetch serves every process. Public keys
 are not secret, so Redis holds plain JSON.
 
-Failure policy: when a refetch fails (timeout, 5xx, malformed body) the last good
-document stays in use and a warning is logged; only with no document at all does the
-error (``DependencyUnavailable`` / ``UpstreamError``) reach the caller. A failed fetch
-is not retried for ``FAILED_FETCH_BACKOFF_SECONDS``, so a sick IdP is not hammered and
-requests do not each wait out a timeout.
+Failure policy (a hung or sick IdP never makes callers queue):
 
-Unknown ``kid``: the IdP may have rotated its keys, or someone is sending junk. We
-refetch, but at most once per cooldown across *all* broker processes (an ``SET NX``
-marker in Redis), so a flood of tokens with random kids cannot turn the broker into a
-DoS amplifier against the IdP.
+* One fetch per document at a time per process (``broker.http.SingleFlight``). While it
+  is in flight every other caller uses the last good document at once; a caller with no
+  document at all waits at most ``FOLLOWER_WAIT_SECONDS`` for it, then gets a 503 with
+  ``Retry-After``. The fetch itself is bounded by the one upstream budget (``Http``).
+* When a fetch fails (timeout, 5xx, malformed body) the last good document stays in use
+  and a warning is logged; only with no document at all does the error reach the caller
+  (with ``Retry-After``). The IdP is not asked again for ``FAILED_FETCH_BACKOFF_SECONDS``
+  counted from the moment the failed attempt *ended*; meanwhile callers with no document
+  fail fast with a 503 and ``Retry-After``.
+
+Unknown ``kid`` (or no ``kid`` while several keys are published): the IdP may have
+rotated its keys, or someone is sending junk. We refetch, but only with a token from a
+bucket shared by *all* broker processes (``Store.take_token``: ``jwks_refresh_burst``
+refreshes at once, one more earned every ``jwks_refresh_cooldown_seconds``), so a flood
+of tokens with random kids cannot turn the broker into a DoS amplifier against the IdP,
+while a real rotation right after an unrelated refresh still gets its refetch.
 """
 
 from __future__ import annotations
@@ -31,16 +39,23 @@ from urllib.parse import urlsplit
 import jwt
 
 from broker import errors
-from broker.http import Http
+from broker.http import (
+    BACKOFF_ERRORS,
+    FAILED_FETCH_BACKOFF_SECONDS,
+    FOLLOWER_WAIT_SECONDS,
+    Http,
+    SingleFlight,
+    Skipped,
+)
 from broker.store import Store
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# After a failed fetch, how long to keep serving the last good document (or keep
-# failing fast when there is none) before trying the IdP again.
-FAILED_FETCH_BACKOFF_SECONDS = 10.0
+# At most this many JWKS refetches on unknown kids at once, per JWKS URL, across all
+# broker processes; one more is earned every ``jwks_refresh_cooldown_seconds``.
+JWKS_REFRESH_BURST = 3
 
 # Which key may verify which JWS algorithm (RFC 7518 section 3.1): key type and, for
 # ECDSA, the one curve the algorithm is defined on. Anything not listed, above all
@@ -85,8 +100,9 @@ class RemoteDocument(Generic[T]):
 
     ``parse`` turns the JSON body into ``T`` or raises ``MalformedDocument``; a body
     that does not parse is treated like a failed fetch. Thread-safe: readers never
-    lock (snapshots are immutable and swapped atomically); fetches are serialised, so
-    a burst of requests on a cold or expired cache makes one HTTP request per process.
+    lock (snapshots are immutable and swapped atomically); fetches go through one
+    ``SingleFlight``, so a burst of requests on a cold or expired cache makes one HTTP
+    request per process and nobody waits behind a hung one (see the module docstring).
     """
 
     def __init__(
@@ -112,26 +128,26 @@ class RemoteDocument(Generic[T]):
         self._timeout = timeout
         self._what = what
         self._host = urlsplit(url).netloc
-        self._backoff = failure_backoff_seconds
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the snapshot swap only; never held for I/O
         self._snapshot: _Snapshot[T] | None = None
-        self._retry_after = float("-inf")
-        self._last_error: errors.BrokerError | None = None
+        self._flight: SingleFlight[_Snapshot[T]] = SingleFlight(
+            what=f"{what} ({self._host})", backoff_seconds=failure_backoff_seconds, clock=clock
+        )
 
     def get(self) -> T:
         """The cached document, fetched first if there is none or it has expired."""
         snapshot = self._snapshot
         if snapshot is not None and self._clock() < snapshot.usable_until:
             return snapshot.value
-        return self._load(seen=snapshot).value
+        return self._load(force=False).value
 
     def refresh(self) -> T:
         """Fetch now, whatever the cache says (the caller rate-limits this).
 
         On failure the current document is kept; raises only when there is none.
         """
-        return self._load(seen=self._snapshot, force=True).value
+        return self._load(force=True).value
 
     def adopt_newer_shared(self) -> T | None:
         """A newer document another process put in Redis, without any HTTP request."""
@@ -139,59 +155,57 @@ class RemoteDocument(Generic[T]):
         shared = self._read_shared(newer_than=None if current is None else current.fetched_at)
         if shared is None:
             return None
-        with self._lock:
-            if self._snapshot is None or shared.fetched_at > self._snapshot.fetched_at:
-                self._snapshot = shared
-            return self._snapshot.value
+        return self._adopt(shared).value
 
-    def _load(self, *, seen: _Snapshot[T] | None, force: bool = False) -> _Snapshot[T]:
+    def _adopt(self, snapshot: _Snapshot[T]) -> _Snapshot[T]:
         with self._lock:
-            now = self._clock()
-            current = self._snapshot
-            if current is not seen and current is not None and now < current.usable_until:
-                return current  # another thread did the work while we waited for the lock
-            shared = self._read_shared(newer_than=None if current is None else current.fetched_at)
-            if shared is not None and now < shared.usable_until:
-                # Another process fetched it after we did: no need to ask the IdP again.
-                self._snapshot = shared
-                return shared
-            fallback = _newest(current, shared)
-            if now < self._retry_after:
-                return self._keep_or_raise(fallback, now, None)
-            try:
-                raw, value = self._fetch()
-            except (errors.UpstreamError, errors.DependencyUnavailable) as exc:
-                self._retry_after = now + self._backoff
-                self._last_error = exc
-                return self._keep_or_raise(fallback, now, exc)
-            fresh = _Snapshot(value, now, now + self._cache_seconds)
-            self._snapshot = fresh
-            self._retry_after = float("-inf")
-            self._write_shared(raw, now)
-            if force:
-                log.info("%s (%s) refetched", self._what, self._host)
-            return fresh
+            if self._snapshot is None or snapshot.fetched_at >= self._snapshot.fetched_at:
+                self._snapshot = snapshot
+                return snapshot
+            return self._snapshot
 
-    def _keep_or_raise(
-        self, fallback: _Snapshot[T] | None, now: float, exc: errors.BrokerError | None
-    ) -> _Snapshot[T]:
-        if fallback is None:
-            if exc is not None:
-                raise exc
-            # Still backing off after a failure: fail fast with the same kind of error.
-            last = self._last_error or errors.DependencyUnavailable()
-            raise type(last)(f"{last.message} (retrying in a few seconds)")
-        if exc is not None:
+    def _load(self, *, force: bool) -> _Snapshot[T]:
+        seen = self._snapshot
+        shared = self._read_shared(newer_than=None if seen is None else seen.fetched_at)
+        # A forced refresh (unknown kid) always asks the IdP: a copy another process
+        # fetched a moment ago may predate the key this token was signed with.
+        if not force and shared is not None and self._clock() < shared.usable_until:
+            return self._adopt(shared)  # another process fetched it: no need to ask the IdP
+        fallback = _newest(seen, shared)
+        # With a last good copy, never wait for a fetch in flight; without one (or when a
+        # token needs the newest keys) wait a moment, so a healthy IdP's cold start does
+        # not turn into a 503 per caller.
+        wait = 0.0 if fallback is not None and not force else FOLLOWER_WAIT_SECONDS
+        try:
+            result = self._flight.run(self._fetch_and_keep, wait=wait)
+        except BACKOFF_ERRORS as exc:
+            if fallback is None:
+                raise
             log.warning(
                 "%s; still using the copy fetched %.0f s ago",
                 exc.message,
-                now - fallback.fetched_at,
+                self._clock() - fallback.fetched_at,
             )
-        kept = _Snapshot(
-            fallback.value, fallback.fetched_at, max(fallback.usable_until, now + self._backoff)
-        )
-        self._snapshot = kept
-        return kept
+            # Serve it without asking Redis again until the backoff ends.
+            return self._adopt(
+                _Snapshot(
+                    fallback.value,
+                    fallback.fetched_at,
+                    max(fallback.usable_until, self._clock() + self._flight.retry_in()),
+                )
+            )
+        if isinstance(result, Skipped):
+            if fallback is None:
+                raise result.error
+            return self._adopt(fallback)
+        return result
+
+    def _fetch_and_keep(self) -> _Snapshot[T]:
+        raw, value = self._fetch()
+        now = self._clock()
+        fresh = self._adopt(_Snapshot(value, now, now + self._cache_seconds))
+        self._write_shared(raw, now)
+        return fresh
 
     def _fetch(self) -> tuple[Any, T]:
         result = self._http.get_json(self.url, timeout=self._timeout, what=self._what)
@@ -356,6 +370,7 @@ class JWKSCache:
         cache_seconds: int,
         refresh_cooldown_seconds: int,
         timeout: float,
+        refresh_burst: int = JWKS_REFRESH_BURST,
         clock: Callable[[], float] = time.time,
         failure_backoff_seconds: float = FAILED_FETCH_BACKOFF_SECONDS,
         what: str = "JWKS endpoint",
@@ -374,11 +389,14 @@ class JWKSCache:
             clock=clock,
         )
         self._store = store
-        self._cooldown = refresh_cooldown_seconds
-        self._cooldown_key = store.key("jwks-refresh", url_digest(url))
-        self._clock = clock
-        self._cooldown_lock = threading.Lock()
-        self._next_local_refresh = float("-inf")
+        self._refill_seconds = refresh_cooldown_seconds
+        self._burst = refresh_burst
+        self._bucket_key = store.key("jwks-refresh", url_digest(url))
+        # Used only while Redis cannot be asked: this process alone stays within the
+        # same numbers (so the fleet makes at most one bucket's worth per process).
+        self._local_bucket = _LocalBucket(
+            capacity=refresh_burst, refill_seconds=refresh_cooldown_seconds
+        )
 
     def get_key(self, kid: str | None, *, algorithm: str) -> jwt.PyJWK:
         """The key for ``kid``, bound to ``algorithm``; ``InvalidToken`` if there is none.
@@ -388,7 +406,9 @@ class JWKSCache:
         """
         keys = self._document.get()
         jwk = keys.find(kid)
-        if jwk is None and kid is not None:
+        # No kid and several keys: the provider may just have gone down to one key, so
+        # this earns the same bounded refresh as an unknown kid.
+        if jwk is None:
             if self._refresh_allowed():
                 keys = self._document.refresh()
             else:
@@ -401,18 +421,38 @@ class JWKSCache:
         return keys.pyjwk(jwk, algorithm)
 
     def _refresh_allowed(self) -> bool:
-        now = self._clock()
-        with self._cooldown_lock:
-            if now < self._next_local_refresh:
-                return False
-            self._next_local_refresh = now + self._cooldown
-        if self._cooldown <= 0:
+        if self._refill_seconds <= 0:
             return True
         try:
-            # SET NX with the cooldown as TTL: whichever process sets it first refetches;
-            # the others wait for the marker to expire.
-            return self._store.set_flag(self._cooldown_key, ttl=self._cooldown, only_if_new=True)
+            return self._store.take_token(
+                self._bucket_key, capacity=self._burst, refill_seconds=self._refill_seconds
+            )
         except errors.StoreUnavailable:
-            # The in-process cooldown above still bounds this process; the store logs
-            # the outage.
+            # The store logs the outage; this process keeps the same limits on its own.
+            return self._local_bucket.take()
+
+
+class _LocalBucket:
+    """An in-process token bucket: ``capacity`` at once, one more per ``refill_seconds``."""
+
+    def __init__(
+        self, *, capacity: int, refill_seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._capacity = float(capacity)
+        self._refill = refill_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._tokens = float(capacity)
+        self._updated = clock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = self._clock()
+            if self._refill > 0:
+                earned = (now - self._updated) / self._refill
+                self._tokens = min(self._capacity, self._tokens + earned)
+            self._updated = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
             return True

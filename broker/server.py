@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
-from broker.settings import Settings
+from broker.settings import WORKER_TIMEOUT_SECONDS, Settings
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
@@ -36,7 +36,8 @@ def gunicorn_options(bind: str, workers: int | None, threads: int) -> dict[str, 
         # Threads, because nearly all time is spent waiting on STS, the IdP or Redis.
         "worker_class": "gthread",
         "threads": threads,
-        "timeout": 30,
+        # Upstream budgets (settings: upstream.budget_seconds) are validated against it.
+        "timeout": WORKER_TIMEOUT_SECONDS,
         "graceful_timeout": 20,
         "keepalive": 5,
         "accesslog": None,  # access lines could include query strings; the app logs audit

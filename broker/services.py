@@ -101,7 +101,7 @@ class Services:
             prefix=settings.redis.key_prefix,
             sealer=Sealer(settings.security.encryption_keys),
         )
-        http = Http()
+        http = Http(budget_seconds=settings.upstream.budget_seconds)
         owned: tuple[Callable[[], None], ...] = ()
         if sts is None:
             botocore_sts = BotocoreSTS(settings.sts)

@@ -36,6 +36,11 @@ STS_MAX_INLINE_POLICY_CHARS = 2048
 # NTP-less containers; more would let a stolen, just-expired token live noticeably longer.
 DEFAULT_LEEWAY_SECONDS = 60
 
+# gunicorn's worker timeout (broker.server.gunicorn_options). Whatever a request waits on
+# must end well within it, so the upstream budget may be at most half of it.
+WORKER_TIMEOUT_SECONDS = 30
+MAX_UPSTREAM_BUDGET_SECONDS = WORKER_TIMEOUT_SECONDS / 2
+
 ROLE_ARN_RE = re.compile(r"^arn:aws(?:-cn|-us-gov)?:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
 POLICY_ARN_RE = re.compile(r"^arn:aws(?:-cn|-us-gov)?:iam::(?:\d{12}|aws):policy/[\w+=,.@/-]+$")
 PROVIDER_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -114,6 +119,13 @@ class CacheSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class UpstreamSettings:
+    # The most one request may spend on one identity provider (JWKS, discovery, Login
+    # with Amazon, Facebook Graph): every attempt, timeout and pause between retries.
+    budget_seconds: float = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class IdentitySettings:
     region: str  # prefix of identity ids, like Cognito's "us-east-1:uuid"
 
@@ -152,9 +164,11 @@ class OIDCProviderSettings:
     algorithms: tuple[str, ...]
     leeway_seconds: int
     jwks_cache_seconds: int
-    jwks_refresh_cooldown_seconds: int
+    jwks_refresh_cooldown_seconds: int  # one refresh earned back per this many seconds
     timeout_seconds: float
     require_nonce: bool
+    # Refreshes on an unknown kid allowed at once (a token bucket shared in Redis).
+    jwks_refresh_burst: int = 3
     # Browser flow (issue: web SSO); empty when the provider is API-only.
     client_secret: str | None = field(default=None, repr=False)
     scopes: tuple[str, ...] = ("openid", "email", "profile")
@@ -234,6 +248,7 @@ class Settings:
     # or policy change never serves credentials minted under the old rules.
     config_version: str
     source: str  # where the config came from, for messages
+    upstream: UpstreamSettings = UpstreamSettings()
 
 
 # --------------------------------------------------------------------------- reading
@@ -503,6 +518,14 @@ def _cache(r: _Reader) -> CacheSettings:
     return s
 
 
+def _upstream(r: _Reader) -> UpstreamSettings:
+    s = UpstreamSettings(
+        budget_seconds=r.number("budget_seconds", 10.0, lo=0.5, hi=MAX_UPSTREAM_BUDGET_SECONDS),
+    )
+    r.finish()
+    return s
+
+
 def _identity(r: _Reader) -> IdentitySettings:
     s = IdentitySettings(region=r.text("region", "us-east-1"))
     r.finish()
@@ -574,6 +597,7 @@ def _oidc_provider(name: str, kind: str, r: _Reader) -> OIDCProviderSettings:
         leeway_seconds=r.integer("leeway_seconds", DEFAULT_LEEWAY_SECONDS, lo=0, hi=300),
         jwks_cache_seconds=r.integer("jwks_cache_seconds", 3600, lo=10, hi=86400),
         jwks_refresh_cooldown_seconds=r.integer("jwks_refresh_cooldown_seconds", 30, lo=0, hi=3600),
+        jwks_refresh_burst=r.integer("jwks_refresh_burst", 3, lo=1, hi=20),
         timeout_seconds=r.number("timeout_seconds", 5.0, lo=0.1, hi=60),
         require_nonce=r.flag("require_nonce", False),
         client_secret=r.opt_str("client_secret"),
@@ -790,6 +814,7 @@ def settings_from_mapping(
         "rate_limit": _rate_limit,
         "web": _web,
         "console": _console,
+        "upstream": _upstream,
     }
     built = {name: fn(top.table(name)) for name, fn in sections.items()}
     providers = _providers(top.table("providers"))
@@ -805,6 +830,17 @@ def settings_from_mapping(
             if rule:
                 rules.append(rule)
     top.finish()
+    upstream = built["upstream"]
+    if isinstance(upstream, UpstreamSettings):
+        for name, provider in providers.items():
+            if provider.timeout_seconds > upstream.budget_seconds:
+                # Not an error in itself, but the attempt would be cut at the budget:
+                # say so instead of letting the operator believe the longer timeout.
+                problems.append(
+                    f"providers.{name}.timeout_seconds: {provider.timeout_seconds:g} is more "
+                    f"than upstream.budget_seconds ({upstream.budget_seconds:g}), the most "
+                    "a request may spend on a provider"
+                )
     if problems:
         raise ConfigError(problems)
     return Settings(

@@ -103,6 +103,33 @@ end
 return 1
 """
 
+# A token bucket in one hash: n = tokens left (fractional), t = when n was computed, in
+# ms by the Redis server's clock (TIME), so every broker process and node counts alike.
+# Reading TIME before a write needs script effects replication: the default since Redis
+# 5, the only mode since 7. The key expires once the bucket would be full again.
+_BUCKET_TAKE = """
+local capacity = tonumber(ARGV[1])
+local refill_ms = tonumber(ARGV[2])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local state = redis.call('HMGET', KEYS[1], 'n', 't')
+local tokens = tonumber(state[1])
+local last = tonumber(state[2])
+if tokens == nil or last == nil then
+  tokens = capacity
+elseif now > last then
+  tokens = math.min(capacity, tokens + (now - last) / refill_ms)
+end
+local taken = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  taken = 1
+end
+redis.call('HSET', KEYS[1], 'n', tostring(tokens), 't', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) * refill_ms) + 1000)
+return taken
+"""
+
 
 @dataclass
 class _Scope:
@@ -410,6 +437,16 @@ class Store:
     def set_flag(self, key: str, *, ttl: float, only_if_new: bool = False) -> bool:
         """Set a marker key; with only_if_new, True only for the first caller in the TTL."""
         return bool(self.client.set(key, b"1", px=_ttl_ms(ttl), nx=only_if_new))
+
+    @_guarded
+    def take_token(self, key: str, *, capacity: int, refill_seconds: float) -> bool:
+        """Take one token from a bucket every broker process shares: True if one was left.
+
+        The bucket holds at most ``capacity`` tokens and earns one back every
+        ``refill_seconds`` (by Redis's clock); a missing bucket is full.
+        """
+        refill_ms = max(1, math.ceil(refill_seconds * 1000))
+        return bool(self.client.eval(_BUCKET_TAKE, 1, key, capacity, refill_ms))
 
     @_guarded
     def ping(self) -> bool:

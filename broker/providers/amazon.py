@@ -16,7 +16,11 @@ The identity's subject is ``user_id``. STS receives the access token unchanged w
 on ``www.amazon.com:app_id``.
 
 Verified tokens are cached (``oauth_common.VerificationCache``), so one token costs one
-pair of round trips until it expires. Errors: Amazon refusing the token is a 401
+pair of round trips until it expires. The pair shares one upstream budget
+(``Http.budget``); calls for different tokens never wait on each other (no lock),
+so a hung Amazon costs each caller at most the budget, never a place in a queue.
+
+Errors: Amazon refusing the token is a 401
 (``InvalidToken``/``ExpiredToken``); Amazon failing or answering nonsense is a 502;
 Amazon unreachable or too slow is a 503. No message ever contains the token.
 """
@@ -90,6 +94,11 @@ class AmazonProvider(IdentityProvider):
         if cached is not None and self._our_client_id(cached.claims.get("aud")):
             return cached
 
+        # tokeninfo and the profile share one upstream budget (broker.http).
+        with self._http.budget():
+            return self._verify_upstream(token)
+
+    def _verify_upstream(self, token: str) -> VerifiedToken:
         now = self._clock()
         info = self._tokeninfo(token)
         aud = text(info.get("aud"))

@@ -18,7 +18,9 @@ A classic Facebook user access token (``EAA...``) is opaque, so ``verify`` asks 
 The subject is the app-scoped user id. STS receives the token unchanged with
 ``ProviderId=graph.facebook.com``; roles trust ``graph.facebook.com`` on the condition
 ``graph.facebook.com:app_id``. Verified tokens are cached until they expire (see
-``oauth_common``). Facebook error 190 (invalid, expired, revoked token) is a 401;
+``oauth_common``). The Graph calls for one token share one upstream budget
+(``Http.budget``), and a hung Graph never makes callers queue for the app token (see
+``_AppAccessToken``). Facebook error 190 (invalid, expired, revoked token) is a 401;
 Graph failing or answering nonsense a 502; unreachable or too slow a 503.
 
 **Limited Login** (the iOS SDK's ``tracking: .limited`` mode) gives the app an OpenID
@@ -44,7 +46,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from broker import errors
-from broker.http import Http, HttpResult
+from broker.http import Http, HttpResult, SingleFlight, Skipped
 from broker.identity import VerifiedClaims, VerifiedToken
 from broker.providers.base import IdentityProvider
 from broker.providers.oauth_common import (
@@ -161,6 +163,11 @@ class FacebookProvider(IdentityProvider):
         if cached is not None and same_text(cached.claims.get("app_id"), app_id):
             return cached
 
+        # The app token, debug_token and /me share one upstream budget (broker.http).
+        with self._http.budget():
+            return self._verify_upstream(token, app_id)
+
+    def _verify_upstream(self, token: str, app_id: str) -> VerifiedToken:
         now = self._clock()
         data = self._debug_token(token)
         if data.get("is_valid") is not True:
@@ -353,7 +360,10 @@ class _AppAccessToken:
     """The app access token: fetched on first use, kept, renewed when Graph refuses it.
 
     It does not expire (it dies only when the app secret is reset), so one fetch serves
-    the process. A lock makes a burst of first requests fetch it once.
+    the process. Fetches go through one ``SingleFlight``: a burst of first requests
+    fetches it once, and while Graph hangs the others do not queue behind the fetch
+    (they get a 503 with ``Retry-After`` after a short wait), nor ask again during the
+    failure backoff. No lock is held while Graph is asked.
     """
 
     def __init__(self, *, fetch: Callable[[], str], cooldown: float) -> None:
@@ -362,14 +372,17 @@ class _AppAccessToken:
         self._lock = threading.Lock()
         self._value: str | None = None
         self._renewed_at = float("-inf")  # time.monotonic() of the last renewal
+        self._flight: SingleFlight[str] = SingleFlight(what="Facebook oauth/access_token")
 
     def get(self) -> tuple[str, bool]:
-        """The token, and whether it was fetched by this call."""
-        with self._lock:
-            if self._value is not None:
-                return self._value, False
-            self._value = self._fetch()
-            return self._value, True
+        """The token, and whether it was fetched for this call."""
+        value = self._value
+        if value is not None:
+            return value, False
+        result = self._flight.run(self._fetch_and_keep)
+        if isinstance(result, Skipped):
+            raise result.error
+        return result, True
 
     def renew(self, stale: str) -> str | None:
         """A new token in place of ``stale``; None while the cooldown forbids a fetch."""
@@ -379,8 +392,14 @@ class _AppAccessToken:
             if time.monotonic() - self._renewed_at < self._cooldown:
                 return None
             self._renewed_at = time.monotonic()
-            self._value = self._fetch()
-            return self._value
+        result = self._flight.run(self._fetch_and_keep)
+        return None if isinstance(result, Skipped) else result
+
+    def _fetch_and_keep(self) -> str:
+        value = self._fetch()
+        with self._lock:
+            self._value = value
+        return value
 
 
 # --------------------------------------------------------------------------- helpers

@@ -125,7 +125,9 @@ class OIDCProvider(IdentityProvider):
         digest = hashlib.sha256(token.encode()).digest()
         verified = self._verified.get(digest)
         if verified is None:
-            verified = self._verify_signed(token)
+            # Discovery and JWKS share one upstream budget for this token.
+            with self._http.budget():
+                verified = self._verify_signed(token)
             self._verified.put(
                 digest,
                 verified,
@@ -259,6 +261,7 @@ class OIDCProvider(IdentityProvider):
             store=self._store,
             cache_seconds=s.jwks_cache_seconds,
             refresh_cooldown_seconds=s.jwks_refresh_cooldown_seconds,
+            refresh_burst=s.jwks_refresh_burst,
             timeout=s.timeout_seconds,
             clock=self._clock,
             what=f"{self.name} JWKS endpoint",

@@ -19,8 +19,8 @@ from redis.retry import Retry
 
 from broker import errors
 from broker.devstack.processes import free_port
-from broker.http import Http
-from broker.jwks import FAILED_FETCH_BACKOFF_SECONDS, JWKSCache, key_for_algorithm
+from broker.http import FAILED_FETCH_BACKOFF_SECONDS, Http
+from broker.jwks import JWKS_REFRESH_BURST, JWKSCache, key_for_algorithm
 from broker.store import Sealer, Store
 from tests.unit.oidc_fixtures import FakeClock, FakeIdP, ec_key, rsa_key
 
@@ -154,26 +154,25 @@ def test_unknown_kid_refetches_and_finds_a_rotated_key(
     assert idp.jwks_hits == 2
 
 
-def test_flood_of_unknown_kids_refetches_at_most_once_per_cooldown(
+def test_flood_of_unknown_kids_refetches_at_most_the_bucket(
     idp: FakeIdP, http: Http, store: Store, clock: FakeClock
 ) -> None:
-    cache = make_cache(idp, http, store, clock, refresh_cooldown_seconds=1)
+    cache = make_cache(idp, http, store, clock, refresh_cooldown_seconds=2)
     cache.get_key("k1", algorithm="RS256")
     for _ in range(50):
         unknown_kid(cache, uuid.uuid4().hex)
-    assert idp.jwks_hits == 2  # the first load plus one refetch
+    assert idp.jwks_hits == 1 + JWKS_REFRESH_BURST  # the first load plus the bucket
 
-    # The cooldown lives in this process and in Redis (real TTL): let both pass.
-    clock.advance(1.1)
-    time.sleep(1.1)
+    # The bucket earns one refresh back per refresh_cooldown_seconds (Redis's clock).
+    time.sleep(2.3)  # one refresh earned, and 1.7 s before the next
     for _ in range(20):
         unknown_kid(cache, uuid.uuid4().hex)
-    assert idp.jwks_hits == 3
+    assert idp.jwks_hits == 2 + JWKS_REFRESH_BURST
     cache.get_key("k1", algorithm="RS256")  # known keys are unaffected throughout
-    assert idp.jwks_hits == 3
+    assert idp.jwks_hits == 2 + JWKS_REFRESH_BURST
 
 
-def test_cooldown_is_shared_between_processes(
+def test_refresh_bucket_is_shared_between_processes(
     idp: FakeIdP, http: Http, store: Store, clock: FakeClock
 ) -> None:
     workers = [make_cache(idp, http, store, clock) for _ in range(4)]
@@ -183,25 +182,26 @@ def test_cooldown_is_shared_between_processes(
     for _ in range(10):
         for cache in workers:
             unknown_kid(cache, uuid.uuid4().hex)
-    assert idp.jwks_hits == 2
-    marker = store.key("jwks-refresh", hashlib.sha256(idp.jwks_url.encode()).hexdigest()[:32])
-    ttl = store.ttl_seconds(marker)
+    assert idp.jwks_hits == 1 + JWKS_REFRESH_BURST
+    bucket = store.key("jwks-refresh", hashlib.sha256(idp.jwks_url.encode()).hexdigest()[:32])
+    ttl = store.ttl_seconds(bucket)
+    # The bucket key lives until it would be full again (3 x 30 s), plus a second.
     assert ttl is not None
-    assert 0 < ttl <= 30
+    assert 0 < ttl <= JWKS_REFRESH_BURST * 30 + 1
 
 
 def test_rotation_seen_by_one_process_reaches_the_others_through_redis(
     idp: FakeIdP, http: Http, store: Store, clock: FakeClock
 ) -> None:
-    a = make_cache(idp, http, store, clock)
-    b = make_cache(idp, http, store, clock)
+    a = make_cache(idp, http, store, clock, refresh_burst=1)
+    b = make_cache(idp, http, store, clock, refresh_burst=1)
     a.get_key("k1", algorithm="RS256")
     b.get_key("k1", algorithm="RS256")
     idp.keys = [K1, K2]
     clock.advance(5)
-    a.get_key("k2", algorithm="RS256")  # a refetches and takes the cooldown
+    a.get_key("k2", algorithm="RS256")  # a refetches and takes the only refresh
     assert idp.jwks_hits == 2
-    # b may not refetch (cooldown) but adopts the newer set a stored in Redis.
+    # b may not refetch (bucket empty) but adopts the newer set a stored in Redis.
     assert b.get_key("k2", algorithm="RS256").key_id == "k2"
     assert idp.jwks_hits == 2
 
@@ -282,10 +282,14 @@ def test_no_key_set_at_all_raises_the_http_error(
         cache.get_key("k1", algorithm="RS256")
     assert info.value.code == error.code
     assert "127.0.0.1" in info.value.message
+    assert info.value.retry_after is not None
     assert idp.jwks_hits == 1
-    # Failing fast during the backoff: no request per caller while the IdP is down.
-    with pytest.raises(error):
+    # Failing fast during the backoff, with a 503 + Retry-After: no request per caller
+    # while the IdP is down.
+    with pytest.raises(errors.DependencyUnavailable) as again:
         cache.get_key("k1", algorithm="RS256")
+    assert again.value.retry_after is not None
+    assert 1 <= again.value.retry_after <= FAILED_FETCH_BACKOFF_SECONDS
     assert idp.jwks_hits == 1
     idp.mode = "ok"
     clock.advance(FAILED_FETCH_BACKOFF_SECONDS + 1)
@@ -304,9 +308,9 @@ def test_redis_down_degrades_to_the_in_process_cache(
         with caplog.at_level(logging.WARNING, logger="broker.jwks"):
             cache.get_key("k1", algorithm="RS256")
             cache.get_key("k1", algorithm="RS256")
-            unknown_kid(cache, "k-new-1")
-            unknown_kid(cache, "k-new-2")  # the in-process cooldown still holds
-        assert idp.jwks_hits == 2
+            for n in range(20):
+                unknown_kid(cache, f"k-new-{n}")  # the in-process bucket still holds
+        assert idp.jwks_hits == 1 + JWKS_REFRESH_BURST
         assert "Redis" in caplog.text
     finally:
         dead.close()
@@ -348,9 +352,11 @@ def test_absent_kid_is_accepted_only_with_exactly_one_published_key(
     assert cache.get_key(None, algorithm="RS256").key_id == "k1"
     idp.reset(K1, K2)
     other = make_cache(idp, http, store, clock, url=idp.jwks_url + "?two")
-    with pytest.raises(errors.InvalidToken, match="no key id"):
-        other.get_key(None, algorithm="RS256")
-    assert idp.jwks_hits == 1  # an absent kid never triggers a refetch
+    for _ in range(10):
+        with pytest.raises(errors.InvalidToken, match="no key id"):
+            other.get_key(None, algorithm="RS256")
+    # Several keys: a kid-less token earns the same bounded refresh as an unknown kid.
+    assert idp.jwks_hits == 1 + JWKS_REFRESH_BURST
 
 
 @pytest.mark.parametrize(
