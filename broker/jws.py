@@ -219,7 +219,7 @@ def _check_header(header: Mapping[str, Any]) -> None:
     if "typ" in header and (not isinstance(typ, str) or typ.lower() not in _JWT_TYPES):
         if isinstance(typ, str) and typ.lower() in {"at+jwt", "application/at+jwt"}:
             raise errors.InvalidToken(
-                "this is an OAuth access token (typ at+jwt), not an ID token: send the ID token"
+                "this is an OAuth access token (typ at+jwt): an ID token is expected"
             )
         raise errors.InvalidToken(
             "token type (typ) is not JWT: an ID token is expected (typ absent or JWT)"

@@ -57,7 +57,7 @@ HOSTILE: list[tuple[str, Callable[[], str], str]] = [
     (
         "access-token-at+jwt",
         lambda: sign(KEY, claims(sub="bob", email="bob@example.com"), headers={"typ": "at+jwt"}),
-        "an OAuth access token (typ at+jwt), not an ID token",
+        "an OAuth access token (typ at+jwt): an ID token is expected",
     ),
 ]
 

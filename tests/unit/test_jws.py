@@ -241,11 +241,11 @@ HOSTILE = [
     ),
     # -- typ: an ID token and nothing else
     pytest.param(
-        Hostile(_signed(typ="at+jwt"), "OAuth access token (typ at+jwt), not an ID token"),
+        Hostile(_signed(typ="at+jwt"), "OAuth access token (typ at+jwt): an ID token is expected"),
         id="typ-at+jwt",
     ),
     pytest.param(
-        Hostile(_signed(typ="application/at+JWT"), "not an ID token"),
+        Hostile(_signed(typ="application/at+JWT"), "OAuth access token"),
         id="typ-application-at+jwt",
     ),
     pytest.param(Hostile(_signed(typ="JWT "), ID_TOKEN_EXPECTED), id="typ-trailing-space"),
@@ -402,6 +402,21 @@ def test_a_refused_spelling_never_enters_the_verified_token_memory(
             provider.verify(respelt)
     provider.verify(token)
     assert idp.jwks_hits == hits
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        ("", "token is empty"),
+        ("e30." * (jws.MAX_TOKEN_LENGTH // 4) + "e30", "token is too large"),
+        ("e30.e30", "expected three dot-separated segments"),
+        ("e30", "expected three dot-separated segments"),
+    ],
+)
+def test_the_parser_bounds_the_shape_itself(token: str, message: str) -> None:
+    # The verifier checks the size first too; the parser must not rely on it.
+    with pytest.raises(errors.InvalidToken, match=message):
+        jws.parse(token)
 
 
 # --------------------------------------------------------------------------- base64url
