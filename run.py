@@ -2,7 +2,8 @@
 """Bootstrap and entry point: `python3 run.py dev` and `python3 run.py test`.
 
 Needs nothing but Python 3.11+: it creates `.venv/` beside this file, installs the
-project with its dev extras, and re-installs only when pyproject.toml changes.
+project with its dev extras (runtime packages at the versions requirements.lock pins),
+and re-installs only when pyproject.toml or the lock changes.
 """
 
 from __future__ import annotations
@@ -30,8 +31,31 @@ USAGE = """usage: python3 run.py COMMAND [ARGS...]
 """
 
 
+LOCK = ROOT / "requirements.lock"
+CONSTRAINTS = VENV / "lock-constraints.txt"
+
+
 def _fingerprint() -> str:
-    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes())
+    digest.update(LOCK.read_bytes())
+    return digest.hexdigest()
+
+
+def _lock_constraints() -> Path:
+    """requirements.lock as a pip constraints file, its hashes left out.
+
+    The dev virtualenv then runs exactly the runtime versions production installs from
+    the lock (tests/unit/test_lock.py checks it). Without the hashes: one hash in a
+    constraints file switches pip to hash-checking for the dev extras and the editable
+    install too, which have none.
+    """
+    pins = [
+        line.rstrip().removesuffix("\\").rstrip()
+        for line in LOCK.read_text().splitlines()
+        if line[:1].isalnum()
+    ]
+    CONSTRAINTS.write_text("\n".join(pins) + "\n")
+    return CONSTRAINTS
 
 
 def ensure_venv() -> None:
@@ -45,7 +69,8 @@ def ensure_venv() -> None:
     print("installing the broker and its dev dependencies (first run only) ...", flush=True)
     pip = [str(PY), "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "install", "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "install", "-e", f"{ROOT}[dev]"], check=True)
+    constraints = _lock_constraints()
+    subprocess.run([*pip, "install", "-c", str(constraints), "-e", f"{ROOT}[dev]"], check=True)
     STAMP.write_text(_fingerprint())
 
 

@@ -1,8 +1,10 @@
 """Shared fixtures: one real local stack per test session (redis-server, moto with IAM
-auth on, the OIDC provider), and a live broker on a real socket per test."""
+auth on, the OIDC provider), and a live broker on a real socket per test; and the
+hypothesis profiles the property-based (fuzz) tests run under."""
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ from typing import Any
 
 import pytest
 import requests
+from hypothesis import HealthCheck, settings
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from broker.app import create_app
@@ -19,6 +22,28 @@ from broker.devstack.processes import free_port
 from broker.devstack.stack import DEV_CLIENT_ID, Stack, local_stack
 from broker.services import Services
 from broker.settings import Settings, settings_from_mapping
+
+# Property-based tests run in the normal suite, so they must be bounded and repeatable:
+# derandomize makes every run (a developer's, CI's) try the same examples, and keeps no
+# example database. "ci" (the default) bounds each test to 100 examples, no deadline
+# (a loaded 2-core machine must not turn slowness into failures); "deep" is for a long
+# hunt by hand: HYPOTHESIS_PROFILE=deep python3 run.py test tests/ -k fuzz.
+settings.register_profile(
+    "ci",
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "deep",
+    parent=settings.get_profile("ci"),
+    max_examples=5_000,
+    derandomize=False,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

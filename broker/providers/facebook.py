@@ -39,13 +39,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from broker import errors
+from broker import errors, jws
 from broker.http import Http, HttpResult, SingleFlight, Skipped
 from broker.identity import VerifiedClaims, VerifiedToken
 from broker.providers.base import IdentityProvider
@@ -76,10 +75,11 @@ NEVER_EXPIRES_HORIZON_SECONDS = 60 * 86400
 # oauth/access_token.
 APP_TOKEN_RENEW_COOLDOWN_SECONDS = 60.0
 
-# Three base64url segments: the compact JWS form of a Limited Login ID token. Classic
-# access tokens never contain a dot. (An empty signature still counts, so an unsigned
-# "alg": "none" token is refused by the JWT checks, not sent to Graph.)
-_JWT_RE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
+# Classic access tokens never contain a dot; anything with one is taken for a JWT (a
+# Limited Login ID token) and read by the one strict JWT parser (``broker.jws``), so a
+# re-spelt JWT (padding, stray characters, an unsigned "alg": "none" one) is refused
+# there with a 401 and is never sent to Graph as if it were an access token.
+_JWT_SEPARATOR = "."
 
 # Graph error codes. 190: invalid OAuth access token (subcode 463: expired; 458, 460,
 # 464, 467...: revoked, password changed, invalid). 102: session invalid. 4, 17, 32, 613:
@@ -109,7 +109,7 @@ def appsecret_proof(token: str, app_secret: str) -> str:
 
 
 def looks_like_jwt(token: str) -> bool:
-    return bool(_JWT_RE.match(token))
+    return _JWT_SEPARATOR in token
 
 
 class FacebookProvider(IdentityProvider):
@@ -230,6 +230,8 @@ class FacebookProvider(IdentityProvider):
     def _verify_limited_login(self, token: str, nonce: str | None) -> VerifiedToken:
         field = f"providers.{self.name}"
         if self._limited is None:
+            # A malformed JWT is the caller's bad token (401) whatever is switched on.
+            jws.parse(token)
             raise LimitedLoginNotEnabled(
                 "this broker does not accept Facebook Limited Login tokens "
                 f"({field}.limited_login is off): send a Facebook user access token"

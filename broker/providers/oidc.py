@@ -3,7 +3,9 @@
 ``verify`` follows OpenID Connect Core 1.0 section 3.1.3.7 (ID token validation) and
 checks every step itself, in order, so a reviewer can tick them off:
 
-1. size bound, then the JOSE header: ``alg`` in the asymmetric allow-list, ``kid``
+1. one strict reading of the token (``broker.jws.parse``: canonical base64url, no
+   duplicate JSON members, ``typ`` absent or ``JWT``...), then the JOSE header: ``alg``
+   in the asymmetric allow-list, ``kid``
 2. the key: from the provider's JWKS, published for this algorithm, of a fitting type
 3. signature with exactly that algorithm; ``exp``/``iat``/``nbf`` with a small leeway;
    the required claims present (pyjwt, with the allow-list passed explicitly)
@@ -29,7 +31,7 @@ from urllib.parse import urlsplit
 
 import jwt
 
-from broker import errors
+from broker import errors, jws
 from broker.http import Http
 from broker.identity import VerifiedClaims, VerifiedToken
 from broker.jwks import ASYMMETRIC_ALGORITHMS, JWKSCache, MalformedDocument, RemoteDocument
@@ -40,9 +42,9 @@ from broker.store import Store
 
 log = logging.getLogger(__name__)
 
-# Real ID tokens are 1-2 KiB. Anything far larger is junk or an attempt to make us
-# spend CPU and memory before a single check has run.
-MAX_TOKEN_LENGTH = 16 * 1024
+# Real ID tokens are 1-2 KiB; the strict parser's bound, checked here too so an
+# oversize token never costs a SHA-256 for the verified-token memory.
+MAX_TOKEN_LENGTH = jws.MAX_TOKEN_LENGTH
 
 REQUIRED_CLAIMS = ["iss", "aud", "exp", "iat", "sub"]
 
@@ -149,16 +151,16 @@ class OIDCProvider(IdentityProvider):
     def _verify_signed(self, token: str) -> VerifiedToken:
         """Steps 1-5 of OIDC Core 3.1.3.7 and the subject: everything but the nonce."""
         s = self._settings
-        # Step 1: read the (still unverified) header; the size was bounded by the caller.
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise errors.InvalidToken("token is not a well-formed JWT") from None
+        # Step 1: one strict reading of the whole token before anything uses any part
+        # of it: the header that picks the key below is this reading's header, and the
+        # claims pyjwt checks are the same bytes, which can be read only one way.
+        parsed = jws.parse(token)
+        header = parsed.header
         alg = header.get("alg")
         # The allow-list holds asymmetric algorithms only, so "none" and HS* never pass.
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise errors.InvalidToken("algorithm not allowed")
-        # pyjwt guarantees a string kid when present. An absent kid is allowed only
+        # jws.parse guarantees a string kid when present. An absent kid is allowed only
         # while the provider publishes exactly one key (JWKSCache.get_key), so it can
         # never mean "try every key".
         kid: str | None = header.get("kid")

@@ -139,6 +139,21 @@ def _segments(header: dict[str, Any], payload: dict[str, Any]) -> str:
     )
 
 
+def sign_raw(key: KeyPair, header: str | bytes, payload: str | bytes) -> str:
+    """A JWS over exactly these header and payload bytes, signed with ``key``.
+
+    pyjwt serializes the JSON itself, so it cannot make a token whose JSON has a
+    duplicate member, odd escapes or another encoding: those are built here, with the
+    real key, so the signature is valid and only the strict parser can refuse them.
+    """
+    raw_header = header.encode() if isinstance(header, str) else header
+    raw_payload = payload.encode() if isinstance(payload, str) else payload
+    signing_input = _b64(raw_header) + "." + _b64(raw_payload)
+    algorithm = jwt.get_algorithm_by_name(key.alg)
+    signature = algorithm.sign(signing_input.encode(), algorithm.prepare_key(key.private))
+    return signing_input + "." + _b64(signature)
+
+
 def unsigned_token(payload: dict[str, Any], *, kid: str | None = None) -> str:
     """alg "none": no signature at all."""
     header: dict[str, Any] = {"alg": "none", "typ": "JWT"}

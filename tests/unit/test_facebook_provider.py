@@ -599,6 +599,36 @@ def test_limited_login_token_when_switched_off(
     assert graph.hits() == 0  # nothing was sent to Graph
 
 
+@pytest.mark.parametrize("limited_login", [True, False], ids=["limited-on", "limited-off"])
+@pytest.mark.parametrize(
+    ("respell", "message"),
+    [
+        pytest.param(lambda t: t + "==", "not canonical base64url", id="padded-signature"),
+        pytest.param(lambda t: t.replace(".", ". ", 1), "not canonical base64url", id="space"),
+        pytest.param(lambda t: t + ".e30", "three dot-separated segments", id="four-segments"),
+        pytest.param(lambda _t: "x.y", "three dot-separated segments", id="dotted-junk"),
+    ],
+)
+def test_a_dotted_token_is_read_by_the_strict_jwt_parser_never_sent_to_graph(
+    *,
+    limited_login: bool,
+    respell: Callable[[str], str],
+    message: str,
+    make_provider: Callable[..., FacebookProvider],
+    graph: FakeFacebook,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Classic access tokens have no dot: whatever has one is a JWT to us, so a re-spelt
+    # Limited Login token is a 401 from the one JWT parser, not an access token for Graph.
+    token = respell(graph.mint_limited_login("alice", nonce="n"))
+    provider = make_provider(limited_login=limited_login, limited_login_sts_ready=True)
+    with pytest.raises(errors.InvalidToken, match=message) as exc:
+        provider.verify(token, nonce="n")
+    assert (exc.value.status, exc.value.code) == (401, "invalid_token")
+    assert_token_not_leaked(exc.value, (token,), caplog)
+    assert graph.hits() == 0  # neither Graph nor the Limited Login keys were asked
+
+
 # --------------------------------------------------------------------------- wiring
 
 
