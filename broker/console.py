@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -191,7 +191,7 @@ def _checked_path(value: str) -> str:
     return value
 
 
-def _absolute_destination(partition: Partition, value: str) -> str:
+def _absolute_destination(partitions: Sequence[Partition], value: str) -> str:
     # Exact, case-sensitive prefix: "HTTPS://", "https:/", "https:\\" and friends are
     # refused rather than normalised, so what we check is what the browser gets.
     if not value.startswith("https://"):
@@ -203,12 +203,13 @@ def _absolute_destination(partition: Partition, value: str) -> str:
         if index != -1:
             end = min(end, index)
     host, tail = rest[:end], rest[end:]
-    if not partition.is_console_host(host):
-        raise BadRequest(
-            f"destination must be on the AWS console host of the role's partition "
-            f"({partition.console_host} or <region>.{partition.console_host}), "
-            "with no port or user name"
-        )
+    if not any(p.is_console_host(host) for p in partitions):
+        if len(partitions) == 1:
+            where = "the AWS console host of the role's partition"
+        else:
+            where = "an AWS console host"
+        hosts = ", ".join(f"{p.console_host} or <region>.{p.console_host}" for p in partitions)
+        raise BadRequest(f"destination must be on {where} ({hosts}), with no port or user name")
     path = _checked_path("/" + tail if tail[:1] in {"", "?", "#"} else tail)
     url = f"https://{host}{path}"
     # Belt and braces: the standard parser must see exactly the host we checked.
@@ -216,6 +217,28 @@ def _absolute_destination(partition: Partition, value: str) -> str:
     if parts.scheme != "https" or parts.netloc != host or parts.hostname != host:
         raise BadRequest("destination is not a plain https URL on the console host")
     return url
+
+
+def _checked_destination(
+    partitions: Sequence[Partition], destination: str
+) -> tuple[Literal["service", "path", "url"], str]:
+    """What kind of destination this is, checked against the console hosts of
+    ``partitions``; the value to use (a path, or the absolute URL as checked)."""
+    if len(destination) > MAX_DESTINATION_CHARS:
+        raise BadRequest(f"destination is longer than {MAX_DESTINATION_CHARS} characters")
+    if not _PRINTABLE_RE.fullmatch(destination):
+        raise BadRequest("destination must be printable ASCII with no spaces")
+    if SERVICE_RE.fullmatch(destination):
+        return "service", destination
+    if destination.startswith("/"):
+        return "path", _checked_path(destination)
+    if destination.startswith("https://"):
+        return "url", _absolute_destination(partitions, destination)
+    hosts = " or ".join(p.console_host for p in partitions)
+    raise BadRequest(
+        "destination must be a service name (s3, ec2 ...), a console path starting with "
+        f"'/', or an https URL on {hosts}"
+    )
 
 
 def resolve_destination(partition: Partition, destination: str | None, region: str | None) -> str:
@@ -232,20 +255,12 @@ def resolve_destination(partition: Partition, destination: str | None, region: s
     query = f"?region={region}" if region else ""
     if destination is None or destination == "":
         return f"https://{host}/console/home{query}"
-    if len(destination) > MAX_DESTINATION_CHARS:
-        raise BadRequest(f"destination is longer than {MAX_DESTINATION_CHARS} characters")
-    if not _PRINTABLE_RE.fullmatch(destination):
-        raise BadRequest("destination must be printable ASCII with no spaces")
-    if SERVICE_RE.fullmatch(destination):
-        return f"https://{host}/{destination}/home{query}"
-    if destination.startswith("/"):
-        return f"https://{host}{_checked_path(destination)}"
-    if destination.startswith("https://"):
-        return _absolute_destination(partition, destination)
-    raise BadRequest(
-        "destination must be a service name (s3, ec2 ...), a console path starting with "
-        f"'/', or an https URL on {partition.console_host}"
-    )
+    kind, value = _checked_destination((partition,), destination)
+    if kind == "service":
+        return f"https://{host}/{value}/home{query}"
+    if kind == "path":
+        return f"https://{host}{value}"
+    return value
 
 
 # --------------------------------------------------------------------------- SessionDuration
@@ -309,6 +324,48 @@ class ConsoleTarget:
     region: str | None
     destination: str  # absolute console URL
     federation_url: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsoleRequest:
+    """What the caller chose for a console sign-in, as every door parses it."""
+
+    role_arn: str | None
+    destination: str | None
+    region: str | None
+    session_duration: int | None
+
+
+def check_request(request: ConsoleRequest, *, settings: ConsoleSettings) -> ConsoleTarget | None:
+    """Every check of the caller's choices that needs neither the token nor the rules.
+
+    Every console door calls this first, before the token is verified, the session read
+    or anything minted. With a ``role_arn`` it checks everything (its ARN names the
+    partition) and returns the target. Without one it checks the session duration, the
+    region's form, and the destination against the region's partition (or, with no
+    region, against every partition's console): whatever the rules then choose, only the
+    role's partition is left to check (``plan``, still before credentials are minted), so
+    a hostile destination or a malformed region never costs an STS call.
+    """
+    check_session_duration(request.session_duration)
+    if request.role_arn is not None:
+        return plan(
+            request.role_arn,
+            destination=request.destination,
+            region=request.region,
+            settings=settings,
+        )
+    partitions: Sequence[Partition] = tuple(PARTITIONS.values())
+    region = request.region or None
+    if region is not None:
+        if len(region) > MAX_REGION_CHARS or not REGION_RE.fullmatch(region):
+            raise BadRequest("region must be an AWS region code such as us-east-1")
+        partitions = tuple(p for p in partitions if p.owns_region(region))
+        if not partitions:
+            raise BadRequest(f"region {region} is not in a partition the broker signs in to")
+    if request.destination:
+        _checked_destination(partitions, request.destination)
+    return None
 
 
 def plan(

@@ -8,6 +8,8 @@ settings) and speaks the authorization code flow through authlib's requests clie
               ``web.login_state_ttl_seconds``; returns the provider URL to redirect to.
 ``take``      the pending login for a ``state``, read and deleted in one Redis step, so a
               replayed or unknown ``state`` is refused (``BadRequest``).
+``check_issuer``  RFC 9207: the response's ``iss`` is the provider's issuer, else refused
+              before any token request.
 ``exchange``  the code (with the PKCE verifier) for the token the core verifies: the ID
               token for OIDC, the access token for Login with Amazon and Facebook.
 ``refresh``   a refresh token for a new upstream token, where the provider issued one.
@@ -23,6 +25,12 @@ Security choices, spelled out:
 * The pending login is bound to the browser that started it (a random value in a
   short-lived cookie, compared in constant time): a victim cannot be made to complete an
   attacker's login (login CSRF), because the victim's browser lacks the binding cookie.
+  The value is minted for each login (``broker.sessions.new_login_binding``), never
+  taken from the browser: a value an attacker planted binds no login of the victim's,
+  so the victim's callback URL is worthless in the attacker's browser.
+* RFC 9207 mix-up defence: an authorization response naming another issuer (``iss``),
+  or lacking ``iss`` from a provider that advertises it, is refused before the code is
+  sent anywhere.
 * Token endpoint errors never echo provider text that could hold tokens; they map onto
   our error tree (``invalid_grant`` is the caller's problem, 401; anything else 502/503).
 """
@@ -34,7 +42,7 @@ import hmac
 import re
 import secrets
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -123,6 +131,12 @@ class ProviderTokens:
 class Endpoints:
     authorization: str
     token: str
+    # RFC 9207: the issuer identifier an authorization response's `iss` must equal (the
+    # discovery document's `issuer`); None for providers without one (LWA, Facebook).
+    issuer: str | None = None
+    # Discovery says `authorization_response_iss_parameter_supported: true`: a response
+    # without `iss` did not come from this provider as it says it answers.
+    iss_required: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -294,8 +308,11 @@ class OAuthFlow:
             )
         return str(url)
 
-    def take(self, provider: str, state: str | None, *, browser: str | None) -> PendingLogin:
-        """The pending login for ``state``, deleted as it is read (one use only)."""
+    def take(self, provider: str, state: str | None, *, browser: Sequence[str]) -> PendingLogin:
+        """The pending login for ``state``, deleted as it is read (one use only).
+
+        ``browser`` is every login-binding value the callback's browser presented (one
+        per sign-in it has under way); the pending login's own must be among them."""
         if not state or not _STATE_RE.match(state):
             raise errors.BadRequest("the sign-in response has no valid state; start again")
         data = self._store.take_sealed(self._state_key(state))
@@ -306,13 +323,47 @@ class OAuthFlow:
         pending = PendingLogin.from_json(data)
         if pending.provider != provider:
             raise errors.BadRequest("the sign-in response came back for another provider")
-        if not browser or not hmac.compare_digest(pending.browser.encode(), browser.encode()):
+        # Every value compared, in constant time, whatever matches first.
+        matches = [hmac.compare_digest(pending.browser.encode(), b.encode()) for b in browser]
+        if not any(matches):
             # The callback arrived in a browser that did not start this login: either
             # cookies are blocked or someone is trying to sign the victim in as themselves.
             raise errors.BadRequest(
                 "this sign-in was started in another browser (or cookies are blocked); start again"
             )
         return pending
+
+    def check_issuer(self, provider: str, iss: str | None) -> None:
+        """RFC 9207: the authorization response's ``iss`` names the provider we sent the
+        browser to, or the response is refused before any token request.
+
+        * ``iss`` present: it must equal the provider's issuer identifier exactly (simple
+          string comparison, RFC 9207 section 2.4). Login with Amazon and Facebook have
+          no issuer identifier and send no ``iss``, so one arriving on their callback
+          came from somewhere else (a mix-up or a crafted link) and is refused too.
+        * ``iss`` absent: refused when the provider's discovery document says it always
+          sends one (``authorization_response_iss_parameter_supported: true``); accepted
+          otherwise, since most providers do not send it yet.
+        """
+        endpoints = self.endpoints(provider)
+        if iss is None:
+            if endpoints.iss_required:
+                raise errors.BadRequest(
+                    "the sign-in response does not say which provider issued it (no iss), "
+                    "although this provider always does; start again"
+                )
+            return
+        # The value is never echoed: it is whatever the link's author wrote.
+        if endpoints.issuer is None:
+            raise errors.BadRequest(
+                "the sign-in response names an issuer (iss), but this provider never "
+                "sends one: it did not come from this provider; start again"
+            )
+        if iss != endpoints.issuer:
+            raise errors.BadRequest(
+                "the sign-in response was issued by another provider than the one this "
+                "sign-in went to (iss mismatch); start again"
+            )
 
     def exchange(self, pending: PendingLogin, code: str | None) -> ProviderTokens:
         """The authorization code, with its PKCE verifier, for the provider's tokens."""
@@ -448,7 +499,13 @@ def _endpoints_from_discovery(document: Any, issuers: tuple[str, ...]) -> Endpoi
         if not isinstance(value, str) or urlsplit(value).scheme not in {"http", "https"}:
             raise MalformedDocument(f"{name} is missing or not an http(s) URL")
         found[name] = value
-    return Endpoints(authorization=found["authorization_endpoint"], token=found["token_endpoint"])
+    return Endpoints(
+        authorization=found["authorization_endpoint"],
+        token=found["token_endpoint"],
+        issuer=issuer,
+        # Only a JSON true counts (RFC 9207 section 3); anything else is "not supported".
+        iss_required=document.get("authorization_response_iss_parameter_supported") is True,
+    )
 
 
 def _clean_code(code: str) -> str:

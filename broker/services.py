@@ -154,10 +154,29 @@ class Services:
         role_arn: str | None = None,
         duration_seconds: int | None = None,
     ) -> Issued:
+        grant = self.decide(identity, role_arn=role_arn, duration_seconds=duration_seconds)
+        return self.mint(identity, grant)
+
+    def decide(
+        self,
+        identity: Identity,
+        *,
+        role_arn: str | None = None,
+        duration_seconds: int | None = None,
+    ) -> Grant:
+        """The rules' answer for this identity, with nothing minted yet.
+
+        ``issue`` is ``decide`` then ``mint``; a door that must check something about the
+        chosen role before credentials exist (the console: the role's partition decides
+        which destinations and regions are valid) calls the two itself.
+        """
         self.limit_identity(identity.identity_id)
-        grant = rules.decide(
+        return rules.decide(
             self.settings.rules, identity, role_arn=role_arn, duration_seconds=duration_seconds
         )
+
+    def mint(self, identity: Identity, grant: Grant) -> Issued:
+        """Credentials for a grant ``decide`` returned for this identity (cache or STS)."""
         creds = self.credentials.get(identity, grant)
         issued = Issued(identity=identity, grant=grant, credentials=creds)
         audit_log.info("credentials issued", extra={"audit": issued.audit})

@@ -19,6 +19,18 @@ Fixation: a session id is only ever minted by ``begin_session`` after a successf
 callback; any id the browser already had is destroyed then, and an id we did not mint
 is never adopted.
 
+Login binding: every sign-in start mints a fresh random value (``new_login_binding``),
+stores it in the pending login and puts it first in the login cookie; the callback
+must present it. A value the browser already had is never used to bind a login (an
+attacker who planted one could otherwise finish the victim's callback in their own
+browser); it is only carried along, with at most ``MAX_PENDING_LOGINS`` values in all,
+so sign-ins started in other tabs still complete. A finished sign-in's value is removed.
+
+Cookie names: with ``web.cookie_secure`` (the default) every broker cookie (session and
+login binding) goes out as ``__Host-<name>``: Secure, ``Path=/``, no ``Domain``, so no
+subdomain or plain-http page can set or overwrite it. Without it (plain-http
+development only) the configured names are used as they are.
+
 API for other web code (console sign-in, JSON clients), inside a request::
 
     ws = load_session()              # WebSession | None (no cookie, unknown, timed out)
@@ -75,6 +87,15 @@ TOKEN_EXPIRY_MARGIN_SECONDS = 30
 # Only ids shaped like ours reach Redis: token_urlsafe(32) is 43 URL-safe characters.
 _SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 LOGIN_COOKIE_SUFFIX = "_login"
+# Secure cookies get this prefix: the browser then accepts them only with Secure,
+# Path=/ and no Domain, from this very host, so a sibling subdomain (or a plain-http
+# page on the same name) cannot plant or overwrite them (cookie tossing).
+HOST_PREFIX = "__Host-"
+# Sign-ins one browser may have under way at once (tabs): each has its own binding value
+# in the login cookie; starting one more drops the oldest, whose callback then fails.
+MAX_PENDING_LOGINS = 5
+# Separates binding values in the login cookie; never part of a token_urlsafe value.
+_BINDING_SEPARATOR = "."
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -291,11 +312,24 @@ class WebSSO:
 
     @property
     def cookie_name(self) -> str:
-        return self.settings.session_cookie
+        return cookie_name(self.settings)
 
     @property
     def login_cookie_name(self) -> str:
-        return self.settings.session_cookie + LOGIN_COOKIE_SUFFIX
+        return cookie_name(self.settings, LOGIN_COOKIE_SUFFIX)
+
+
+def cookie_name(settings: WebSettings, suffix: str = "") -> str:
+    """The name a broker cookie goes out under: ``web.session_cookie`` + ``suffix``, with
+    the ``__Host-`` prefix whenever cookies are Secure (a configured ``__Host-`` or
+    ``__Secure-`` prefix is not doubled)."""
+    name = settings.session_cookie + suffix
+    if not settings.cookie_secure:
+        return name
+    for prefix in (HOST_PREFIX, "__Secure-"):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return HOST_PREFIX + name
 
 
 _build_lock = threading.Lock()
@@ -410,22 +444,56 @@ def end_session(response: Response) -> None:
     setattr(g, _G_SESSION, None)
 
 
-def login_binding() -> str:
-    """The browser's login-binding value.
+def new_login_binding() -> str:
+    """A fresh login-binding value for one sign-in start.
 
-    One value per browser, reused while it lasts, so sign-ins started in two tabs both
-    complete; the pending login stores it and the callback must present it.
+    Always minted here, never taken from the browser: a value an attacker planted in the
+    victim's cookie (by cookie tossing, where cookies are not ``__Host-``) would otherwise
+    bind the victim's login, and the attacker, holding the same value, could complete the
+    victim's callback in their own browser.
     """
-    sso = web_sso()
-    current = request.cookies.get(sso.login_cookie_name)
-    if current and _SESSION_ID_RE.match(current):
-        return current
     return secrets.token_urlsafe(SESSION_ID_BYTES)
 
 
+def login_bindings() -> tuple[str, ...]:
+    """The binding values this request's browser presented, newest first (well-formed
+    ones only, at most ``MAX_PENDING_LOGINS``): the callback's pending login must be
+    bound to one of them."""
+    raw = request.cookies.get(web_sso().login_cookie_name) or ""
+    values = [v for v in raw.split(_BINDING_SEPARATOR) if _SESSION_ID_RE.match(v)]
+    return tuple(dict.fromkeys(values))[:MAX_PENDING_LOGINS]
+
+
 def set_login_binding(response: Response, value: str) -> None:
+    """Put a new sign-in's binding in the login cookie, in front of the ones still there.
+
+    The earlier values stay only so that sign-ins started in other tabs still complete;
+    no new login is ever bound to them. Set on every start: the cookie must outlive the
+    newest pending login, which lives ``login_state_ttl_seconds`` from now.
+    """
     sso = web_sso()
-    _set_cookie(response, sso.login_cookie_name, value, sso.settings.login_state_ttl_seconds)
+    kept = [v for v in login_bindings() if v != value][: MAX_PENDING_LOGINS - 1]
+    _set_cookie(
+        response,
+        sso.login_cookie_name,
+        _BINDING_SEPARATOR.join([value, *kept]),
+        sso.settings.login_state_ttl_seconds,
+    )
+
+
+def drop_login_binding(response: Response, value: str) -> None:
+    """Forget a finished sign-in's binding; the cookie goes when none is left."""
+    sso = web_sso()
+    rest = [v for v in login_bindings() if v != value]
+    if rest:
+        _set_cookie(
+            response,
+            sso.login_cookie_name,
+            _BINDING_SEPARATOR.join(rest),
+            sso.settings.login_state_ttl_seconds,
+        )
+    else:
+        clear_cookie(response, sso.login_cookie_name)
 
 
 def _set_cookie(response: Response, name: str, value: str, max_age: int) -> None:
@@ -434,6 +502,7 @@ def _set_cookie(response: Response, name: str, value: str, max_age: int) -> None
         name,
         value,
         max_age=max_age,
+        # Path=/ and no Domain: host-only, as the __Host- prefix requires.
         path="/",
         # HttpOnly: page scripts (ours or injected) never read the session id.
         httponly=True,

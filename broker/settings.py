@@ -136,8 +136,14 @@ class RateLimitSettings:
     per_identity_per_minute: int  # 0 disables
 
 
+# A cookie name that needs no quoting anywhere (RFC 6265 token, narrowed).
+COOKIE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
+
+
 @dataclass(frozen=True, kw_only=True)
 class WebSettings:
+    # The base name; with cookie_secure the broker sends it as __Host-<name>
+    # (broker.sessions.cookie_name).
     session_cookie: str
     cookie_secure: bool
     session_idle_seconds: int
@@ -542,9 +548,16 @@ def _rate_limit(r: _Reader) -> RateLimitSettings:
 
 
 def _web(r: _Reader) -> WebSettings:
+    cookie = r.text("session_cookie", "broker_session")
+    secure = r.flag("cookie_secure", True)
+    if isinstance(cookie, str) and not COOKIE_NAME_RE.fullmatch(cookie):
+        r.problem("session_cookie", "must be 1-64 letters, digits, '_' or '-'")
+    elif isinstance(cookie, str) and cookie.startswith(("__Host-", "__Secure-")) and not secure:
+        # Browsers drop prefixed cookies that are not Secure: nobody could sign in.
+        r.problem("session_cookie", "a __Host-/__Secure- name needs cookie_secure = true")
     s = WebSettings(
-        session_cookie=r.text("session_cookie", "broker_session"),
-        cookie_secure=r.flag("cookie_secure", True),
+        session_cookie=cookie,
+        cookie_secure=secure,
         session_idle_seconds=r.integer("session_idle_seconds", 3600, lo=60, hi=7 * 86400),
         session_absolute_seconds=r.integer(
             "session_absolute_seconds", 43200, lo=300, hi=30 * 86400

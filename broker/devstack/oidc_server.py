@@ -3,8 +3,8 @@
 It runs ``oidc-provider-mock`` (Flask + authlib) in its own process: ID tokens are real
 RS256 JWTs signed with a key generated at start-up and published at ``/jwks``; the
 authorization endpoint is a one-click form (``POST sub=<subject>``) instead of a password
-page. The launcher changes five things about the mock, each for a reason given where it
-is done:
+page. The launcher changes five things about the mock (six with ``iss_parameter``), each
+for a reason given where it is done:
 
 * the werkzeug debugger the mock wraps around its app is removed;
 * the issuer is always ``http://127.0.0.1:PORT``, whatever Host a client used, and
@@ -13,7 +13,10 @@ is done:
   public clients (no secret, ``token_endpoint_auth_method=none``) are accepted, as
   Google accepts them from installed apps;
 * ID tokens carry the signing key's ``kid`` in their header, as real providers' do;
-* user claims may not override the JWT's own claims (``iss``, ``aud``, ``exp``, ...).
+* user claims may not override the JWT's own claims (``iss``, ``aud``, ``exp``, ...);
+* with ``iss_parameter`` (``--iss-parameter``) it speaks RFC 9207: discovery says
+  ``authorization_response_iss_parameter_supported: true`` and every redirect back from
+  the authorization endpoint (code or error) carries ``iss``, as Google's does.
 
 Run as ``python -m broker.devstack.oidc_server --port N --users-json '[...]'``, or from
 Python with :func:`start_oidc_provider`.
@@ -45,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import flask
 import werkzeug.debug
@@ -338,8 +342,36 @@ def _advertise(app: flask.Flask, extra: Mapping[str, Any]) -> None:
     app.view_functions[endpoint] = openid_config
 
 
+def _send_iss(app: flask.Flask) -> None:
+    """RFC 9207: add ``iss`` (this provider's issuer) to every authorization response.
+
+    The mock answers the authorization endpoint with a 302 to the client's redirect URI
+    carrying ``code`` and ``state`` (or ``error``); the issuer is appended to that query
+    exactly as the discovery document spells it, so a client can tell which provider
+    the response came from (mix-up defence)."""
+    endpoint = "oidc-provider-mock.authorize"
+    original: Callable[..., Any] = app.view_functions[endpoint]
+
+    def authorize(*args: Any, **kwargs: Any) -> flask.Response:
+        response = flask.make_response(original(*args, **kwargs))
+        location = response.headers.get("Location")
+        if response.status_code in {302, 303} and location:
+            parts = urlsplit(location)
+            params = parse_qsl(parts.query, keep_blank_values=True)
+            if any(name in {"code", "error"} for name, _ in params):
+                params.append(("iss", flask.request.host_url.rstrip("/")))
+                response.headers["Location"] = urlunsplit(parts._replace(query=urlencode(params)))
+        return response
+
+    app.view_functions[endpoint] = authorize
+
+
 def build_app(
-    port: int, users: Sequence[Mapping[str, Any]], *, require_nonce: bool = False
+    port: int,
+    users: Sequence[Mapping[str, Any]],
+    *,
+    require_nonce: bool = False,
+    iss_parameter: bool = False,
 ) -> flask.Flask:
     """The mock's Flask app with the launcher's changes (see the module docstring), for
     ``users`` as ``validate_users`` returned them.
@@ -369,8 +401,11 @@ def build_app(
                 {"sub", "iss", "aud", "exp", "iat", "auth_time", "nonce"}
                 | {claim for u in user_claims for claim in u.claims}
             ),
+            **({"authorization_response_iss_parameter_supported": True} if iss_parameter else {}),
         },
     )
+    if iss_parameter:
+        _send_iss(app)
     app.wsgi_app = CanonicalHost(app.wsgi_app, port)  # type: ignore[method-assign]
     return app
 
@@ -378,11 +413,17 @@ def build_app(
 # -- the process --------------------------------------------------------------------------
 
 
-def serve(port: int, users: Sequence[Mapping[str, Any]], *, require_nonce: bool = False) -> None:
+def serve(
+    port: int,
+    users: Sequence[Mapping[str, Any]],
+    *,
+    require_nonce: bool = False,
+    iss_parameter: bool = False,
+) -> None:
     """Serve on 127.0.0.1:port until SIGTERM/SIGINT (threaded werkzeug server)."""
     # authlib refuses plain-http endpoints unless told; this server is loopback-only.
     os.environ["AUTHLIB_INSECURE_TRANSPORT"] = "1"
-    app = build_app(port, users, require_nonce=require_nonce)
+    app = build_app(port, users, require_nonce=require_nonce, iss_parameter=iss_parameter)
     server = werkzeug.serving.make_server(HOST, port, app, threaded=True)
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
@@ -411,6 +452,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--require-nonce", action="store_true", help="refuse authorization requests without nonce"
     )
+    parser.add_argument(
+        "--iss-parameter",
+        action="store_true",
+        help="RFC 9207: advertise and send iss in authorization responses",
+    )
     args = parser.parse_args(argv)
     users: Sequence[Mapping[str, Any]] = DEMO_USERS
     if args.users_json is not None:
@@ -430,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    serve(args.port, checked, require_nonce=args.require_nonce)
+    serve(args.port, checked, require_nonce=args.require_nonce, iss_parameter=args.iss_parameter)
     return 0
 
 
@@ -440,6 +486,7 @@ def start_oidc_provider(
     port: int | None = None,
     users: Sequence[Mapping[str, Any]] = DEMO_USERS,
     require_nonce: bool = False,
+    iss_parameter: bool = False,
 ) -> ManagedProcess:
     """Start the provider in its own process; ``.url`` of the result is the issuer."""
     port = port or free_port()
@@ -455,6 +502,8 @@ def start_oidc_provider(
     ]
     if require_nonce:
         argv.append("--require-nonce")
+    if iss_parameter:
+        argv.append("--iss-parameter")
     issuer = f"http://{HOST}:{port}"
 
     def ready() -> None:

@@ -7,10 +7,14 @@ Routes::
     POST /v1/console-url     API: provider token -> {"url", "expires_at", ...}
 
 Both mint (or reuse from the cache) the role's credentials through the same
-``Services.identify`` / ``Services.issue`` path as ``POST /v1/credentials``, so the same
-rules decide the role, then exchange them at the federation endpoint for a sign-in URL
-(``broker.console``). Every caller choice (role partition, ``region``, ``destination``,
-``session_duration``) is checked before anything is minted.
+``Services.identify`` / ``Services.decide`` / ``Services.mint`` path as ``POST
+/v1/credentials``, so the same rules decide the role, then exchange them at the
+federation endpoint for a sign-in URL (``broker.console``). Every caller choice
+(``role_arn``, ``region``, ``destination``, ``session_duration``) is checked before
+anything is minted, on every door and whether or not a role is named: first by
+``console.check_request`` (before the token or session is even looked at), then, when
+the rules chose the role, its partition by ``console.plan`` between ``decide`` and
+``mint``. A refused choice never costs an STS call.
 
 The sign-in URL is a bearer secret for 15 minutes: it is never logged (the audit record
 names the identity, role, access key id and destination, never the URL or token), and
@@ -101,34 +105,24 @@ def _no_store(response: Response) -> Response:
 # --------------------------------------------------------------------------- shared
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Choice:
-    role_arn: str | None
-    destination: str | None
-    region: str | None
-    session_duration: int | None
-
-
-def _prepare(choice: _Choice, services: Services) -> console.ConsoleTarget | None:
-    """Checks every choice that can be checked before anything is minted: all of them
-    when a role is named (its ARN gives the partition), else the session duration."""
-    console.check_session_duration(choice.session_duration)
-    if choice.role_arn is None:
-        return None
-    return console.plan(
-        choice.role_arn,
-        destination=choice.destination,
-        region=choice.region,
-        settings=services.settings.console,
-    )
+def _prepare(choice: console.ConsoleRequest, services: Services) -> console.ConsoleTarget | None:
+    """The checks every door runs first (``console.check_request``): before the token is
+    verified, the session read, the rules asked or anything minted."""
+    return console.check_request(choice, settings=services.settings.console)
 
 
 def _signin(
     services: Services,
     identity: Identity,
-    choice: _Choice,
+    choice: console.ConsoleRequest,
     target: console.ConsoleTarget | None,
 ) -> tuple[Issued, console.ConsoleSignin]:
+    """The rules' grant, the last check that needed it, then credentials and the URL.
+
+    Nothing is minted until every choice has passed: the rules decide the grant first
+    (``Services.decide`` mints nothing), and when they chose the role, its partition's
+    destination and region checks run before ``Services.mint``.
+    """
     settings = services.settings
     # A requested console session is also the credentials' duration, so the rule's
     # duration limits apply to it: a console session never outlasts what the rule allows.
@@ -137,17 +131,18 @@ def _signin(
         limit = rules.matching_rule(settings.rules, identity).max_duration_seconds
         if choice.session_duration > limit:
             raise BadRequest(f"session_duration may be at most {limit} seconds for this identity")
-    issued = services.issue(
+    grant = services.decide(
         identity, role_arn=choice.role_arn, duration_seconds=choice.session_duration
     )
     if target is None:
         # No role named: the rules chose one, and only now is its partition known.
         target = console.plan(
-            issued.grant.role_arn,
+            grant.role_arn,
             destination=choice.destination,
             region=choice.region,
             settings=settings.console,
         )
+    issued = services.mint(identity, grant)
     signin = console.FederationClient(settings=settings.console).signin(
         target,
         issued.credentials,
@@ -190,7 +185,7 @@ def _whole_seconds(value: str | None) -> int | None:
 # --------------------------------------------------------------------------- browser
 
 
-def _browser_choice(form: bool) -> _Choice:
+def _browser_choice(form: bool) -> console.ConsoleRequest:
     values = request.form if form else request.args
     allowed = _QUERY_FIELDS | {"csrf_token"} if form else _QUERY_FIELDS
     unknown = sorted(set(values) - allowed)
@@ -200,7 +195,7 @@ def _browser_choice(form: bool) -> _Choice:
     for name in values:
         if len(values.getlist(name)) > 1:
             raise BadRequest(f"{name} given more than once")
-    return _Choice(
+    return console.ConsoleRequest(
         role_arn=_text(values, "role_arn"),
         destination=_text(values, "destination"),
         region=_text(values, "region"),
@@ -260,14 +255,14 @@ def console_url() -> Response:
         },
         required=("provider", "token"),
     )
-    choice = _Choice(
+    choice = console.ConsoleRequest(
         role_arn=_text(body, "role_arn"),
         destination=_text(body, "destination"),
         region=_text(body, "region"),
         session_duration=body.get("session_duration"),
     )
     services = current_services()
-    # A bad destination or region fails before the token is even verified.
+    # A bad destination, region or duration fails before the token is even verified.
     target = _prepare(choice, services)
     identity = services.identify(body["provider"], body["token"], nonce=body.get("nonce"))
     issued, result = _signin(services, identity, choice, target)

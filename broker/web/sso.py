@@ -58,9 +58,11 @@ from broker.sessions import (
     check_csrf,
     check_csrf_current,
     current_identity_or_none,
+    drop_login_binding,
     end_session,
     load_session,
-    login_binding,
+    login_bindings,
+    new_login_binding,
     session_ended,
     session_identity,
     set_login_binding,
@@ -252,13 +254,23 @@ def login_start(provider: str) -> Response:
     services = current_services()
     services.provider(provider)  # UnknownProvider (400) before any state is written
     sso = web_sso()
-    browser = login_binding()
+    # Minted for this login, whatever the browser sent (see new_login_binding).
+    browser = new_login_binding()
     url = sso.flow.begin(provider, next_path=safe_next(request.args.get("next")), browser=browser)
     response = redirect(url, 302)
-    # Set on every start, even when reused: the cookie must outlive this login's state,
-    # which lives login_state_ttl_seconds from now, not from the first start.
     set_login_binding(response, browser)
     return response
+
+
+# Authorization-response parameters a provider sends at most once; a repeated one is a
+# crafted URL, and which copy each reader takes must never be a question.
+_SINGLE_CALLBACK_PARAMETERS = ("state", "code", "iss", "error", "error_description")
+
+
+def _single_parameters() -> None:
+    for name in _SINGLE_CALLBACK_PARAMETERS:
+        if len(request.args.getlist(name)) > 1:
+            raise errors.BadRequest(f"the sign-in response has more than one {name}; start again")
 
 
 @blueprint.get("/callback/<provider>")
@@ -266,20 +278,32 @@ def callback(provider: str) -> Response:
     services = current_services()
     services.provider(provider)
     sso = web_sso()
-    browser = request.cookies.get(sso.login_cookie_name)
+    if len(request.args.getlist("state")) > 1:
+        raise errors.BadRequest("the sign-in response has more than one state; start again")
+    browser = login_bindings()
     state = request.args.get("state")
     error = request.args.get("error")
+    iss = request.args.get("iss")
     if error is not None:
         # Use up the state, if it is ours, so this response cannot be replayed later.
         ours = False
         with suppress(errors.BadRequest):
             sso.flow.take(provider, state, browser=browser)
             ours = True
+        _single_parameters()
+        # RFC 9207 covers error responses too: a mixed-up one is refused as such, and
+        # its text never shown.
+        sso.flow.check_issuer(provider, iss)
         # The provider's free text is shown only for a login this browser started: a
         # crafted link must not put an attacker's words on our page.
         description = request.args.get("error_description") if ours else None
         raise callback_error(error, description, sso.display_name(provider))
     pending = sso.flow.take(provider, state, browser=browser)
+    # After the state is used up (a crafted response burns the attempt, it cannot be
+    # retried) and before the code goes anywhere.
+    _single_parameters()
+    # RFC 9207: a code meant for (or from) another provider is never sent.
+    sso.flow.check_issuer(provider, iss)
     tokens = sso.flow.exchange(pending, request.args.get("code"))
     # The same verification as the JSON API, plus the nonce we sent: an ID token minted
     # for another login (or replayed from one) fails here.
@@ -287,6 +311,7 @@ def callback(provider: str) -> Response:
     # 303: the browser follows with a GET, whatever brought it here.
     response = redirect(safe_next(pending.next_path), 303)
     begin_session(response, identity.verified, refresh_token=tokens.refresh_token)
+    drop_login_binding(response, pending.browser)
     audit_log.info(
         "web sign-in",
         extra={

@@ -32,8 +32,11 @@ from broker.devstack.stack import ADMIN_ROLE, DEV_CLIENT_ID, DEV_PROVIDER, USER_
 from broker.errors import AccessDenied
 from broker.identity import Identity
 from broker.services import Services
+from broker.sts import BotocoreSTS
 from broker.web.console import SessionLookup, install_session_lookup
 from tests.conftest import make_settings
+from tests.integration.test_credentials import CountingSTS
+from tests.unit.test_console import BAD_REGIONS, HOSTILE_DESTINATIONS
 
 pytestmark = pytest.mark.integration
 
@@ -94,7 +97,9 @@ class ConsoleBroker:
 
 
 @contextmanager
-def serve_console(stack: Stack, **overrides: Any) -> Iterator[ConsoleBroker]:
+def serve_console(
+    stack: Stack, *, sts: CountingSTS | None = None, **overrides: Any
+) -> Iterator[ConsoleBroker]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     config_rules = stack.config(url)["rules"]
@@ -102,7 +107,7 @@ def serve_console(stack: Stack, **overrides: Any) -> Iterator[ConsoleBroker]:
     # credentials for any role ARN; the partition only decides the console's hosts).
     config_rules[0]["roles"] = [*config_rules[0]["roles"], GOV_ROLE, CN_ROLE]
     settings = make_settings(stack, url, rules=config_rules, **overrides)
-    services = Services.build(settings)
+    services = Services.build(settings, sts=sts)
     app = create_app(services=services)
     server: BaseWSGIServer = make_server("127.0.0.1", port, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -427,3 +432,153 @@ def test_no_log_record_holds_the_sign_in_url(
         text = record.getMessage() + repr(record.__dict__)
         for secret in secrets_seen:
             assert secret not in text
+
+
+# --------------------------------------------------------------------------- no STS call
+
+
+@dataclass
+class Guarded:
+    """One broker whose every STS call is counted, alice signed in for ``GET /console``,
+    and an ID token of hers for the API (refused choices never get as far as using it)."""
+
+    broker: ConsoleBroker
+    sts: CountingSTS
+    token: str
+    nonce: str
+
+    def api(self, **body: Any) -> requests.Response:
+        return requests.post(
+            f"{self.broker.url}/v1/console-url",
+            json={"provider": DEV_PROVIDER, "token": self.token, "nonce": self.nonce, **body},
+            timeout=30,
+        )
+
+    def browser(self, **params: Any) -> requests.Response:
+        return requests.get(
+            f"{self.broker.url}/console",
+            params=params,
+            headers={"Accept": "application/json"},
+            allow_redirects=False,
+            timeout=30,
+        )
+
+
+@pytest.fixture(scope="module")
+def guarded(stack: Stack, federation: FederationServer) -> Iterator[Guarded]:
+    settings = make_settings(stack, "http://127.0.0.1:1")
+    real = BotocoreSTS(settings.sts)
+    sts = CountingSTS(real)
+    try:
+        with serve_console(
+            stack,
+            sts=sts,
+            console={"federation_url": federation.url},
+            # Hundreds of refused requests from one address: not what is tested here.
+            rate_limit={"per_ip_per_minute": 0, "per_identity_per_minute": 0},
+            # No cache: a request that reached the minting step would call STS every time,
+            # so every row can see it (with a cache only the first would).
+            cache={"enabled": False},
+        ) as broker:
+            broker.sign_in_browser("alice")
+            nonce = secrets.token_urlsafe(16)
+            yield Guarded(
+                broker=broker, sts=sts, token=id_token(stack, "alice", nonce), nonce=nonce
+            )
+    finally:
+        real.close()
+
+
+def _refused(response: requests.Response, needle: str) -> None:
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["error"] == "invalid_request"
+    assert needle in body["message"]
+    assert "Location" not in response.headers
+
+
+# Every door, with and without a role named.
+DOORS = [
+    ("POST /v1/console-url", {"role_arn": ADMIN_ROLE}),
+    ("POST /v1/console-url", {}),
+    ("GET /console", {"role_arn": ADMIN_ROLE}),
+    ("GET /console", {}),
+]
+
+
+def _ask(guarded: Guarded, door: str, **fields: Any) -> requests.Response:
+    return guarded.api(**fields) if door.startswith("POST") else guarded.browser(**fields)
+
+
+@pytest.mark.parametrize("destination", HOSTILE_DESTINATIONS)
+def test_a_hostile_destination_costs_no_sts_call_on_any_door(
+    guarded: Guarded, federation: FederationServer, destination: str
+) -> None:
+    before, tokens = guarded.sts.calls, len(federation.records)
+    for door, role in DOORS:
+        _refused(_ask(guarded, door, destination=destination, **role), "destination")
+    assert guarded.sts.calls == before
+    assert len(federation.records) == tokens
+
+
+# Bad in every partition, and bad for the role the rules choose for alice (commercial).
+REGIONS_REFUSED = [*BAD_REGIONS, "us-gov-west-1", "cn-north-1"]
+
+
+@pytest.mark.parametrize("region", REGIONS_REFUSED)
+def test_a_bad_region_costs_no_sts_call_on_any_door(guarded: Guarded, region: str) -> None:
+    before = guarded.sts.calls
+    for door, role in DOORS:
+        _refused(_ask(guarded, door, region=region, **role), "region")
+    assert guarded.sts.calls == before
+
+
+@pytest.mark.parametrize(
+    ("door", "value", "needle"),
+    [
+        *(("POST /v1/console-url", v, "900 and 43200") for v in (0, -900, 899, 43201, 10**9)),
+        *(("POST /v1/console-url", v, "must be a number") for v in ("3600", True, 3600.5)),
+        *(("GET /console", v, "900 and 43200") for v in ("0", "899", "43201")),
+        *(
+            ("GET /console", v, "whole number of seconds")
+            for v in ("1h", "-900", "3600.0", "\uff19\uff10\uff10", "0x384", "9" * 7)
+        ),
+    ],
+)
+@pytest.mark.parametrize("role", [{"role_arn": ADMIN_ROLE}, {}], ids=["role", "no role"])
+def test_a_bad_session_duration_costs_no_sts_call(
+    guarded: Guarded, door: str, value: Any, needle: str, role: dict[str, str]
+) -> None:
+    before = guarded.sts.calls
+    _refused(_ask(guarded, door, session_duration=value, **role), needle)
+    assert guarded.sts.calls == before
+
+
+@pytest.mark.parametrize("role", [{"role_arn": USER_ROLE}, {}], ids=["role", "no role"])
+def test_a_session_beyond_the_rule_costs_no_sts_call(
+    guarded: Guarded, role: dict[str, str]
+) -> None:
+    nonce = secrets.token_urlsafe(16)
+    before = guarded.sts.calls
+    response = requests.post(
+        f"{guarded.broker.url}/v1/console-url",
+        json={
+            "provider": DEV_PROVIDER,
+            "token": id_token(guarded.broker.stack, "bob", nonce),
+            "nonce": nonce,
+            "session_duration": 7200,  # bob's rule allows 3600
+            **role,
+        },
+        timeout=30,
+    )
+    _refused(response, "session_duration may be at most 3600")
+    assert guarded.sts.calls == before
+
+
+@pytest.mark.parametrize("door", ["POST /v1/console-url", "GET /console"])
+def test_the_counter_sees_a_good_sign_in(guarded: Guarded, door: str) -> None:
+    """The guard above can fail: a good request through the same doors calls STS."""
+    before = guarded.sts.calls
+    response = _ask(guarded, door, destination="s3")
+    assert response.status_code in {200, 302}, response.text
+    assert guarded.sts.calls == before + 1

@@ -222,7 +222,9 @@ def test_authorization_request_has_pkce_s256_state_and_nonce(web: WebClient) -> 
 
 def test_every_login_start_renews_the_binding_cookie(web: WebClient) -> None:
     """Its lifetime must cover the newest pending login, not the first one: a login
-    started just before the cookie expired would otherwise fail at the callback."""
+    started just before the cookie expired would otherwise fail at the callback. Each
+    start binds its login to a value of its own, and keeps the earlier one (the first
+    tab's login still completes: test_sso_mixup.py)."""
     name = f"{web.cookie_name}_login"
     first = web.get("/login/demo")
     again = web.get("/login/demo")
@@ -230,8 +232,8 @@ def test_every_login_start_renews_the_binding_cookie(web: WebClient) -> None:
     for r in (first, again):
         [cookie] = [c for c in set_cookies(r) if c.startswith(f"{name}=")]
         assert f"Max-Age={web.broker.settings.web.login_state_ttl_seconds}" in cookie
-        values.append(cookie.split(";")[0])
-    assert values[0] == values[1]  # the same binding: both tabs' logins still complete
+        values.append(cookie.split(";")[0].split("=", 1)[1])
+    assert values[1].split(".") == [values[1].split(".")[0], values[0]]
 
 
 def test_full_flow_login_roles_credentials_logout(broker: LiveBroker) -> None:

@@ -452,6 +452,111 @@ def test_destinations_stay_in_the_roles_partition(
         resolve_destination(partition, destination, None)
 
 
+# --------------------------------------------------------------------------- before the rules
+
+# Hostile for a role of the commercial partition, but another partition's own console:
+# with no role named, only the rules' choice can refuse them (still before minting).
+FOREIGN_CONSOLES = {"https://console.amazonaws.cn/", "https://console.amazonaws-us-gov.com/"}
+HOSTILE_IN_EVERY_PARTITION = [d for d in HOSTILE_DESTINATIONS if d not in FOREIGN_CONSOLES]
+
+# Region values no console sign-in accepts, in any partition.
+BAD_REGIONS = [
+    "US-EAST-1",
+    "us-east-1 ",
+    "useast1",
+    "us-east-1/../../evil",
+    "us-isob-east-1",  # the form of a region, of a partition the broker does not sign in to
+    "a" * 40,
+    "us-east-1\n",
+    "eu-west-1.evil.example",
+]
+
+
+def _request(**fields: Any) -> console.ConsoleRequest:
+    values: dict[str, Any] = {
+        "role_arn": None,
+        "destination": None,
+        "region": None,
+        "session_duration": None,
+    }
+    values.update(fields)
+    return console.ConsoleRequest(**values)
+
+
+@pytest.mark.parametrize("role_arn", [None, ROLE])
+@pytest.mark.parametrize("destination", HOSTILE_IN_EVERY_PARTITION)
+def test_check_request_refuses_hostile_destinations_with_or_without_a_role(
+    role_arn: str | None, destination: str
+) -> None:
+    with pytest.raises(BadRequest, match="destination"):
+        console.check_request(
+            _request(role_arn=role_arn, destination=destination), settings=console_settings(None)
+        )
+
+
+@pytest.mark.parametrize("destination", sorted(FOREIGN_CONSOLES))
+def test_another_partitions_console_is_left_to_the_roles_partition(destination: str) -> None:
+    # No role named: the destination is some partition's console, so it passes here ...
+    assert (
+        console.check_request(_request(destination=destination), settings=console_settings(None))
+        is None
+    )
+    # ... and the rules' choice (a commercial role) refuses it before anything is minted.
+    with pytest.raises(BadRequest, match="destination"):
+        plan(ROLE, destination=destination, region=None, settings=console_settings(None))
+
+
+@pytest.mark.parametrize("role_arn", [None, ROLE, GOV_ROLE, CN_ROLE])
+@pytest.mark.parametrize("region", BAD_REGIONS)
+def test_check_request_refuses_bad_regions_with_or_without_a_role(
+    role_arn: str | None, region: str
+) -> None:
+    with pytest.raises(BadRequest, match="region"):
+        console.check_request(
+            _request(role_arn=role_arn, region=region), settings=console_settings(None)
+        )
+
+
+@pytest.mark.parametrize(
+    ("destination", "region"),
+    [
+        ("https://console.aws.amazon.com/", "cn-north-1"),
+        ("https://console.amazonaws.cn/", "us-east-1"),
+        ("https://console.amazonaws-us-gov.com/", "eu-west-1"),
+        ("https://eu-west-1.console.aws.amazon.com/", "us-gov-west-1"),
+    ],
+)
+def test_a_region_pins_the_destination_to_its_partition(destination: str, region: str) -> None:
+    with pytest.raises(BadRequest, match="destination"):
+        console.check_request(
+            _request(destination=destination, region=region), settings=console_settings(None)
+        )
+
+
+@pytest.mark.parametrize("role_arn", [None, ROLE])
+@pytest.mark.parametrize("duration", [0, -900, 899, 43201, 129600])
+def test_check_request_refuses_bad_session_durations(role_arn: str | None, duration: int) -> None:
+    with pytest.raises(BadRequest, match="session_duration"):
+        console.check_request(
+            _request(role_arn=role_arn, session_duration=duration), settings=console_settings(None)
+        )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"destination": "s3", "region": "eu-west-1"},
+        {"destination": "/ec2/home#Instances:", "session_duration": 900},
+        {"destination": "https://console.amazonaws.cn/s3/home", "region": "cn-north-1"},
+        {"destination": "https://us-gov-east-1.console.amazonaws-us-gov.com/ec2/home"},
+        {"region": "us-gov-west-1"},
+    ],
+)
+def test_check_request_lets_good_choices_through_without_a_role(fields: dict[str, Any]) -> None:
+    assert console.check_request(_request(**fields), settings=console_settings(None)) is None
+
+
 # --------------------------------------------------------------------------- SessionDuration
 
 
@@ -851,7 +956,9 @@ class StandInServices(Services):
     not the rules or STS (the end-to-end test runs those for real)."""
 
     issued: list[dict[str, Any]] = field(default_factory=list)
+    decided: list[dict[str, Any]] = field(default_factory=list)
     identified: list[str] = field(default_factory=list)
+    rules_choice: str = ROLE  # the role the "rules" pick when none is named
 
     def identify(
         self,
@@ -865,21 +972,24 @@ class StandInServices(Services):
             raise InvalidToken()
         return ALICE
 
-    def issue(
+    def decide(
         self,
-        identity: Identity,
+        identity: Identity,  # noqa: ARG002 - the interface's signature
         *,
         role_arn: str | None = None,
         duration_seconds: int | None = None,
-    ) -> Issued:
-        self.issued.append({"role_arn": role_arn, "duration_seconds": duration_seconds})
-        grant = Grant(
+    ) -> Grant:
+        self.decided.append({"role_arn": role_arn, "duration_seconds": duration_seconds})
+        return Grant(
             rule="readers",
-            role_arn=role_arn or ROLE,
+            role_arn=role_arn or self.rules_choice,
             duration_seconds=duration_seconds or 3600,
             session_policy=None,
             policy_arns=(),
         )
+
+    def mint(self, identity: Identity, grant: Grant) -> Issued:
+        self.issued.append({"role_arn": grant.role_arn, "duration_seconds": grant.duration_seconds})
         return Issued(identity=identity, grant=grant, credentials=CREDS)
 
     def limit_address(self, *_args: object) -> None:
@@ -1009,7 +1119,7 @@ def test_browser_flow_redirects_to_the_sign_in_url(
         "Destination": ["https://eu-west-1.console.aws.amazon.com/ec2/home?region=eu-west-1"],
         "SigninToken": [endpoint.records[-1].signin_token],
     }
-    assert services.issued == [{"role_arn": ROLE, "duration_seconds": None}]
+    assert services.issued == [{"role_arn": ROLE, "duration_seconds": 3600}]
     assert endpoint.records[-1].session_duration is None
 
 
@@ -1180,3 +1290,62 @@ def test_the_sign_in_url_is_never_logged(
         text = record.getMessage() + repr(record.__dict__)
         for secret in (url, *tokens, *SECRETS, "SigninToken="):
             assert secret not in text
+
+
+# --------------------------------------------------------------------------- every door, no role
+
+
+BAD_CHOICES_WITHOUT_ROLE = [
+    *({"destination": d} for d in ("https://evil.example/", "//evil.example", "javascript:x")),
+    *({"region": r} for r in BAD_REGIONS[:4]),
+    {"destination": "https://console.aws.amazon.com/", "region": "cn-north-1"},
+    {"session_duration": "899"},
+    {"session_duration": "43201"},
+]
+
+
+@pytest.mark.parametrize("choice", BAD_CHOICES_WITHOUT_ROLE)
+@pytest.mark.parametrize("door", ["GET /console", "POST /console", "POST /v1/console-url"])
+def test_no_role_named_bad_choices_fail_before_the_rules_and_minting(
+    signed_in: Flask, services: StandInServices, door: str, choice: dict[str, str]
+) -> None:
+    client = signed_in.test_client()
+    if door == "GET /console":
+        response = client.get("/console", query_string=choice)
+    elif door == "POST /console":
+        response = client.post("/console", data={**choice, "csrf_token": CSRF})
+    else:
+        body: dict[str, Any] = dict(choice)
+        if "session_duration" in body:
+            body["session_duration"] = int(body["session_duration"])
+        response = _api(signed_in, **body)
+    assert response.status_code == 400, response.get_data(as_text=True)
+    assert response.get_json()["error"] == "invalid_request"
+    assert services.identified == []
+    assert services.decided == []
+    assert services.issued == []
+
+
+@pytest.mark.parametrize(
+    ("choice", "needle"),
+    [
+        ({"region": "cn-north-1"}, "partition"),
+        ({"region": "us-gov-west-1", "destination": "s3"}, "partition"),
+        ({"destination": "https://console.amazonaws.cn/"}, "destination"),
+        ({"destination": "https://console.amazonaws-us-gov.com/"}, "destination"),
+    ],
+)
+@pytest.mark.parametrize("door", ["GET /console", "POST /v1/console-url"])
+def test_the_rules_choice_is_checked_before_minting(
+    signed_in: Flask, services: StandInServices, door: str, choice: dict[str, str], needle: str
+) -> None:
+    """Valid in some partition, but the rules choose a commercial role: refused after the
+    rules decide and before anything is minted."""
+    if door == "GET /console":
+        response = signed_in.test_client().get("/console", query_string=choice)
+    else:
+        response = _api(signed_in, **choice)
+    assert response.status_code == 400
+    assert needle in response.get_json()["message"]
+    assert services.decided == [{"role_arn": None, "duration_seconds": None}]
+    assert services.issued == []

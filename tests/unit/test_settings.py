@@ -313,6 +313,31 @@ REJECTED: list[tuple[str, Mutation, str]] = [
         lambda c: rule0(c).update(require_mfa="yes"),
         "rules[0].require_mfa: must be true or false",
     ),
+    (
+        "cookie name with a space",
+        lambda c: c.update(web={"session_cookie": "broker session"}),
+        "web.session_cookie: must be 1-64 letters",
+    ),
+    (
+        "cookie name with a semicolon",
+        lambda c: c.update(web={"session_cookie": "s;Domain=evil.example"}),
+        "web.session_cookie: must be 1-64 letters",
+    ),
+    (
+        "empty cookie name",
+        lambda c: c.update(web={"session_cookie": ""}),
+        "web.session_cookie: must be 1-64 letters",
+    ),
+    (
+        "__Host- cookie without Secure",
+        lambda c: c.update(web={"session_cookie": "__Host-s", "cookie_secure": False}),
+        "web.session_cookie: a __Host-/__Secure- name needs cookie_secure = true",
+    ),
+    (
+        "__Secure- cookie without Secure",
+        lambda c: c.update(web={"session_cookie": "__Secure-s", "cookie_secure": False}),
+        "web.session_cookie: a __Host-/__Secure- name needs cookie_secure = true",
+    ),
     ("no rules", lambda c: c.update(rules=[]), "rules: configure at least one"),
     ("rules missing", lambda c: c.pop("rules"), "rules: configure at least one"),
     ("no providers", lambda c: c.update(providers={}), "providers: configure at least one"),
