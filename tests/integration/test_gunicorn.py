@@ -30,6 +30,7 @@ import requests
 
 from broker.devstack.processes import free_port
 from broker.devstack.stack import DEV_PROVIDER, Stack, dump_toml
+from tests.integration.test_serve import wait_until_ready
 
 pytestmark = pytest.mark.integration
 
@@ -42,19 +43,6 @@ class Served:
     port: int
     url: str
     stderr: Path
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], stderr: Path) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        assert process.poll() is None, stderr.read_text()
-        assert time.monotonic() < deadline, stderr.read_text()
-        time.sleep(0.2)
 
 
 def broker_config(stack: Stack, url: str, path: Path) -> Path:
@@ -92,7 +80,7 @@ def served(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
             stderr=err,
         )
         try:
-            wait_ready(url, process, stderr)
+            wait_until_ready(url, process, stderr)
             yield Served(port=port, url=url, stderr=stderr)
         finally:
             process.send_signal(signal.SIGTERM)
@@ -263,18 +251,24 @@ def test_parser_refusals_are_the_brokers_json_and_echo_nothing(
     assert answer.headers["x-content-type-options"] == "nosniff"
     assert len(body["request_id"]) == 32
     assert MARKER not in answer.raw
-    assert MARKER.decode() not in served.stderr.read_text()
+    log = logged(served, body["request_id"])
+    assert MARKER.decode() not in log
+
+
+def logged(served: Served, text: str) -> str:
+    """The server's log once ``text`` is in it (lines are written by a log thread)."""
+    deadline = time.monotonic() + 10
+    while text not in (log := served.stderr.read_text()):
+        assert time.monotonic() < deadline, log
+        time.sleep(0.1)
+    return log
 
 
 def test_parser_refusals_are_logged_as_json_lines_with_their_request_id(served: Served) -> None:
     answer = exchange(served.port, GET + b"X-Test: a\x00b\r\n\r\n")
     rid = answer.json()["request_id"]
 
-    deadline = time.monotonic() + 10
-    while rid not in served.stderr.read_text():
-        assert time.monotonic() < deadline, served.stderr.read_text()
-        time.sleep(0.1)
-    [line] = [json.loads(text) for text in served.stderr.read_text().splitlines() if rid in text]
+    [line] = [json.loads(text) for text in logged(served, rid).splitlines() if rid in text]
     assert line["logger"] == "gunicorn.error"
     assert line["level"] == "warning"
     assert line["request_id"] == rid
@@ -363,10 +357,7 @@ def test_issuance_under_gunicorn_logs_the_request_id(served: Served, stack: Stac
     assert response.status_code == 200, response.text
     assert response.headers["X-Request-Id"] == rid
 
-    deadline = time.monotonic() + 10
-    while rid not in served.stderr.read_text():
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    lines = [json.loads(t) for t in served.stderr.read_text().splitlines() if rid in t]
+    log = logged(served, rid)
+    lines = [json.loads(t) for t in log.splitlines() if rid in t]
     assert [line["event"] for line in lines] == ["credentials_issued"]
-    assert token not in served.stderr.read_text()
+    assert token not in log
