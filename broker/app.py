@@ -11,7 +11,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from broker.services import EXTENSION_KEY, Services
 from broker.settings import Settings, load_settings
 from broker.store import request_scope
-from broker.web import api, console, errors, health, replay, security_headers, sso
+from broker.web import api, console, errors, health, replay, request_id, security_headers, sso
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -38,6 +38,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
             x_proto=settings.server.trusted_proxies,
             x_host=settings.server.trusted_proxies,
         )
+    # Outermost, so the replay middleware's answers and every log line carry the id.
+    app.wsgi_app = request_id.RequestIdMiddleware(app.wsgi_app)  # type: ignore[method-assign]
     app.extensions[EXTENSION_KEY] = services
 
     errors.register(app)

@@ -28,6 +28,10 @@ Messages are written for the caller and never contain tokens, secrets or credent
 
 Every 503 tells the client when to come back: the 503 classes carry a default
 ``retry_after`` (rendered as ``Retry-After``), so no raise site can forget it.
+
+A refusal also says, when the pipeline knew, whom it was about (``provider``,
+``identity_id``: set with ``about()`` by ``Services`` and the session code), so the
+error path can write the audit event for it (``broker.web.errors.report``).
 """
 
 from __future__ import annotations
@@ -48,8 +52,20 @@ class BrokerError(Exception):
 
     def __init__(self, message: str | None = None, *, retry_after: int | None = None) -> None:
         self.message = message or self.default_message
+        # Seconds a client should wait before retrying (rendered as Retry-After).
         self.retry_after = retry_after if retry_after is not None else self.default_retry_after
+        # Whom the failure was about, when known: for the audit trail, never shown.
+        self.provider: str | None = None
+        self.identity_id: str | None = None
         super().__init__(self.message)
+
+    def about(self, *, provider: str | None, identity_id: str | None = None) -> None:
+        """Record whom this failure concerns. The first (innermost) caller that knew
+        wins: an outer layer never overwrites what the code that raised it said."""
+        if self.provider is None:
+            self.provider = provider
+        if self.identity_id is None:
+            self.identity_id = identity_id
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": self.code, "message": self.message}

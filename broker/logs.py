@@ -1,5 +1,11 @@
 """Structured (JSON lines) logging, so operators can ship and query the audit trail.
 
+Every record is one JSON object on one line: ``time`` (UTC, milliseconds), ``level``,
+``logger``, ``message``, then ``request_id`` when the record was made while a request
+was being handled (``request_id`` below, set by ``broker.web.request_id``), the fields
+of an audit event (``extra={"audit": {...}}``) and ``exception`` (a traceback) when
+there is one. gunicorn's own records take the same shape (``broker.server``).
+
 Records are formatted and written by one background thread per process
 (``QueueHandler`` + ``QueueListener``, the standard library's recipe for web
 applications): request threads only enqueue, so they never queue up behind each
@@ -15,7 +21,11 @@ import logging.handlers
 import os
 import queue
 import time
-from typing import Any
+from contextvars import ContextVar
+from typing import Any, TextIO
+
+# The id of the request the current thread (or task) is handling, if any.
+request_id: ContextVar[str | None] = ContextVar("broker_request_id", default=None)
 
 # One encoder for every record: json.dumps(..., default=str) would build a new one
 # each call.
@@ -43,12 +53,28 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        audit = getattr(record, "audit", None)
-        if isinstance(audit, dict):
-            entry.update(audit)
+        rid = getattr(record, "request_id", None)
+        if rid is not None:
+            entry["request_id"] = rid
+        # Named fields: an audit event's (extra={"audit": ...}) or any other record's
+        # (extra={"fields": ...}, e.g. gunicorn's access lines).
+        for name in ("audit", "fields"):
+            fields = getattr(record, name, None)
+            if isinstance(fields, dict):
+                entry.update(fields)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return _ENCODER.encode(entry)
+
+
+class _RequestIdFilter(logging.Filter):
+    """Stamps each record with the current request's id. It runs in the thread that
+    logs (the writer thread formats later, outside the request's context)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = request_id.get()
+        return True
 
 
 class _FormattedQueueHandler(logging.handlers.QueueHandler):
@@ -65,14 +91,17 @@ class _Writer:
     def __init__(self) -> None:
         self.listener: logging.handlers.QueueListener | None = None
         self.level = "info"
+        self.stream: TextIO | None = None
         self.fork_hook_installed = False
 
 
 _writer = _Writer()
 
 
-def configure(level: str = "info") -> None:
+def configure(level: str = "info", *, stream: TextIO | None = None) -> None:
+    """Start this process's JSON writer, to ``stream`` (default: stderr)."""
     _writer.level = level
+    _writer.stream = stream
     # The formatter writes none of these, and looking them up is a large part of the
     # cost of a log call on the hot path (one audit line per request); see
     # "Optimization" in the logging HOWTO.
@@ -83,12 +112,14 @@ def configure(level: str = "info") -> None:
 
     stop()
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    stream = logging.StreamHandler()
-    stream.setFormatter(JsonFormatter())
-    _writer.listener = logging.handlers.QueueListener(records, stream)
+    writer = logging.StreamHandler(stream)
+    writer.setFormatter(JsonFormatter())
+    _writer.listener = logging.handlers.QueueListener(records, writer)
     _writer.listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [_FormattedQueueHandler(records)]
+    handler = _FormattedQueueHandler(records)
+    handler.addFilter(_RequestIdFilter())
+    root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Request lines from werkzeug/urllib3 can carry tokens in query strings
     # (tokeninfo?access_token=...): keep them at WARNING.
@@ -102,10 +133,15 @@ def configure(level: str = "info") -> None:
         _writer.fork_hook_installed = True
 
 
+def configured() -> bool:
+    """Whether this process's JSON writer is running."""
+    return _writer.listener is not None
+
+
 def _restart_in_child() -> None:
     if _writer.listener is not None:
         _writer.listener = None  # its thread did not survive the fork; nothing to stop
-        configure(_writer.level)
+        configure(_writer.level, stream=_writer.stream)
 
 
 def stop() -> None:

@@ -18,7 +18,7 @@ from flask import current_app
 
 from broker import rules
 from broker.credentials import CredentialService
-from broker.errors import RateLimited, UnknownProvider
+from broker.errors import BrokerError, RateLimited, UnknownProvider
 from broker.http import Http
 from broker.identity import Identity, IdentityIds
 from broker.memo import ExpiringCache
@@ -141,7 +141,13 @@ class Services:
             ) from None
 
     def identify(self, provider: str, token: str, *, nonce: str | None = None) -> Identity:
-        verified = self.provider(provider).verify(token, nonce=nonce)
+        try:
+            verified = self.provider(provider).verify(token, nonce=nonce)
+        except BrokerError as exc:
+            # For the audit event of a failed authentication (the error path writes
+            # it): a provider name the caller made up is not worth recording.
+            exc.about(provider=provider if provider in self.providers else None)
+            raise
         return self.identity_ids.identify(verified)
 
     def allowed_roles(self, identity: Identity) -> tuple[str, ...]:
@@ -170,14 +176,24 @@ class Services:
         chosen role before credentials exist (the console: the role's partition decides
         which destinations and regions are valid) calls the two itself.
         """
-        self.limit_identity(identity.identity_id)
-        return rules.decide(
-            self.settings.rules, identity, role_arn=role_arn, duration_seconds=duration_seconds
-        )
+        try:
+            self.limit_identity(identity.identity_id)
+            return rules.decide(
+                self.settings.rules, identity, role_arn=role_arn, duration_seconds=duration_seconds
+            )
+        except BrokerError as exc:
+            # Denials (rules, the rate limit) are audited by the error path, which needs
+            # to know whom they were about.
+            exc.about(provider=identity.provider, identity_id=identity.identity_id)
+            raise
 
     def mint(self, identity: Identity, grant: Grant) -> Issued:
         """Credentials for a grant ``decide`` returned for this identity (cache or STS)."""
-        creds = self.credentials.get(identity, grant)
+        try:
+            creds = self.credentials.get(identity, grant)
+        except BrokerError as exc:
+            exc.about(provider=identity.provider, identity_id=identity.identity_id)
+            raise
         issued = Issued(identity=identity, grant=grant, credentials=creds)
         audit_log.info("credentials issued", extra={"audit": issued.audit})
         return issued
@@ -188,7 +204,11 @@ class Services:
 
     def limit_identity(self, identity_id: str) -> None:
         """The per-identity limit (``rate_limit.per_identity_per_minute``)."""
-        self._limit("identity", identity_id, self.settings.rate_limit.per_identity_per_minute)
+        try:
+            self._limit("identity", identity_id, self.settings.rate_limit.per_identity_per_minute)
+        except RateLimited as exc:
+            exc.about(provider=None, identity_id=identity_id)  # a replay knows no more
+            raise
 
     def _limit(self, kind: str, subject: str, per_minute: int) -> None:
         """Fixed one-minute window per subject, shared by every process through Redis."""

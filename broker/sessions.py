@@ -388,15 +388,27 @@ def session_identity(ws: WebSession) -> Identity:
     """
     sso = web_sso()
     if ws.token_expired(sso.clock()):
-        ws = sso.renew(ws)
+        try:
+            ws = sso.renew(ws)
+        except errors.BrokerError as exc:
+            exc.about(provider=ws.provider, identity_id=_identity_id(ws))
+            raise
         setattr(g, _G_SESSION, ws)
     return sso.identity(ws)
+
+
+def _identity_id(ws: WebSession) -> str:
+    return web_sso().services.identity_ids.derive(ws.provider, ws.subject)
 
 
 def check_csrf(ws: WebSession, submitted: str | None) -> None:
     """Refuse a state-changing request whose CSRF token is missing or wrong."""
     if not submitted or not hmac.compare_digest(submitted.encode(), ws.csrf_token.encode()):
-        raise errors.AccessDenied("the request's CSRF token is missing or wrong; reload the page")
+        denied = errors.AccessDenied(
+            "the request's CSRF token is missing or wrong; reload the page"
+        )
+        denied.about(provider=ws.provider, identity_id=_identity_id(ws))
+        raise denied
 
 
 def current_identity_or_none() -> Identity | None:

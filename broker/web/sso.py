@@ -116,7 +116,7 @@ blueprint.after_request(no_store)
 def _broker_error(exc: BrokerError) -> Response:
     if _is_json_route():
         return json_errors.broker_error(exc)
-    json_errors.log_server_error(exc)
+    json_errors.report(exc)
     return _error_page(exc.status, exc.code, exc.message, exc=exc)
 
 

@@ -167,8 +167,9 @@ def assert_error(response: requests.Response, status: int, code: str) -> str:
     assert response.headers["Content-Type"] == "application/json"
     body = response.json()
     assert isinstance(body, dict)
-    assert set(body) == {"error", "message"}
+    assert set(body) == {"error", "message", "request_id"}
     assert body["error"] == code, body
+    assert body["request_id"] == response.headers["X-Request-Id"]
     message = body["message"]
     assert isinstance(message, str)
     assert message
