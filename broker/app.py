@@ -7,7 +7,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from broker.services import EXTENSION_KEY, Services
 from broker.settings import Settings, load_settings
-from broker.web import api, console, errors, health, replay, security_headers, sso
+from broker.web import api, console, errors, health, pages, replay, security_headers, sso
 
 
 def create_app(settings: Settings | None = None, *, services: Services | None = None) -> Flask:
@@ -36,5 +36,6 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.register_blueprint(api.blueprint)
     app.register_blueprint(sso.blueprint)
     app.register_blueprint(console.blueprint)
+    app.register_blueprint(pages.blueprint)
     security_headers.install(app)
     return app

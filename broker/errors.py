@@ -28,6 +28,7 @@ Messages are written for the caller and never contain tokens, secrets or credent
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 
@@ -36,14 +37,23 @@ class BrokerError(Exception):
     status: ClassVar[int] = 500
     default_message: ClassVar[str] = "internal error"
 
-    def __init__(self, message: str | None = None, *, retry_after: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        retry_after: int | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
         self.message = message or self.default_message
         # Seconds a client should wait before retrying (rendered as Retry-After).
         self.retry_after = retry_after
+        # Extra JSON fields beside error and message (e.g. the roles a caller may pick),
+        # written for the caller like the message.
+        self.details: Mapping[str, Any] = details or {}
         super().__init__(self.message)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"error": self.code, "message": self.message}
+        return {**self.details, "error": self.code, "message": self.message}
 
 
 class ClientError(BrokerError):

@@ -6,6 +6,8 @@ A client never sees HTML, a stack trace or an exception message we did not write
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
@@ -25,9 +27,13 @@ _HTTP_CODES = {
 
 
 def error_response(
-    code: str, message: str, status: int, retry_after: int | None = None
+    code: str,
+    message: str,
+    status: int,
+    retry_after: int | None = None,
+    details: Mapping[str, Any] | None = None,
 ) -> Response:
-    response = jsonify({"error": code, "message": message})
+    response = jsonify({**(details or {}), "error": code, "message": message})
     response.status_code = status
     response.headers["Cache-Control"] = "no-store"
     if retry_after is not None:
@@ -48,7 +54,7 @@ def log_server_error(exc: BrokerError) -> None:
 
 def broker_error(exc: BrokerError) -> Response:
     log_server_error(exc)
-    return error_response(exc.code, exc.message, exc.status, exc.retry_after)
+    return error_response(exc.code, exc.message, exc.status, exc.retry_after, exc.details)
 
 
 def http_error(exc: HTTPException) -> Response:
