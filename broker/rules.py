@@ -20,7 +20,8 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any, Literal
+from functools import cache
+from typing import Any, Literal, NamedTuple
 
 from broker import errors, policy
 from broker.identity import Identity
@@ -81,7 +82,10 @@ def _scalar_holds(condition: Condition, text: str) -> bool:
 
 
 def condition_holds(condition: Condition, claims: Mapping[str, Any]) -> bool:
-    value = policy.find_claim(claims, condition.claim)
+    return _value_holds(condition, policy.find_claim(claims, condition.claim))
+
+
+def _value_holds(condition: Condition, value: Any) -> bool:
     if value is None:
         return False
     if isinstance(value, list | tuple):
@@ -119,21 +123,20 @@ def _mfa_satisfied(rule: RuleSettings, claims: Mapping[str, Any]) -> bool:
 CheckKind = Literal["provider", "unbound", "condition", "email_verified", "mfa"]
 
 
-@dataclass(frozen=True, kw_only=True)
-class Check:
-    """One thing a rule asks of an identity, and whether this identity has it."""
+class Check(NamedTuple):
+    """One thing a rule asks of an identity, and whether this identity has it.
+    (A tuple: decide builds several per request, and tuples are cheap to build.)"""
 
     kind: CheckKind
     passed: bool
-    # What the rule asks, in an operator's words ("groups contains 'admins'").
+    # What the rule asks, in an operator's words ('groups contains "admins"').
     wants: str
     claim: str | None = None
     # The claim value(s) seen, as JSON data; None when absent.
     seen: Any = None
 
 
-@dataclass(frozen=True, kw_only=True)
-class RuleOutcome:
+class RuleOutcome(NamedTuple):
     rule: RuleSettings
     checks: tuple[Check, ...]
 
@@ -146,63 +149,53 @@ class RuleOutcome:
         return tuple(c for c in self.checks if not c.passed)
 
 
+# The descriptions depend only on the (frozen, immutable) rule data: worked out once.
+
+
+@cache
 def _describe(condition: Condition) -> str:
     value = condition.value
     shown = json.dumps(list(value) if isinstance(value, tuple) else value)
     return f"{condition.claim} {condition.op} {shown}"
 
 
+@cache
+def _wants_provider(providers: tuple[str, ...]) -> str:
+    return f"provider in {json.dumps(list(providers))}"
+
+
+@cache
+def _wants_mfa(amr_values: tuple[str, ...], acr_values: tuple[str, ...]) -> str:
+    wants = f"amr has one of {json.dumps(list(amr_values))}"
+    return f"{wants} or acr in {json.dumps(list(acr_values))}" if acr_values else wants
+
+
 def evaluate_rule(rule: RuleSettings, identity: Identity) -> RuleOutcome:
     """Every check ``rule`` makes of ``identity``. A provider the rule is not scoped to
     ends the evaluation: its claims mean nothing to this rule."""
     claims = identity.claims
-    checks = [
-        Check(
-            kind="provider",
-            passed=identity.provider in rule.providers,
-            wants=f"provider in {json.dumps(list(rule.providers))}",
-            seen=identity.provider,
-        )
-    ]
-    if not checks[0].passed:
+    scoped = identity.provider in rule.providers
+    checks = [Check("provider", scoped, _wants_provider(rule.providers), None, identity.provider)]
+    if not scoped:
         return RuleOutcome(rule=rule, checks=tuple(checks))
     if not rule.conditions:
         # Settings refuses unbound rules; refusing them here too keeps a hand-built rule
         # with no conditions from matching everyone the provider vouches for.
-        checks.append(Check(kind="unbound", passed=False, wants="at least one condition"))
+        checks.append(Check("unbound", False, "at least one condition"))
     for condition in rule.conditions:
-        checks.append(
-            Check(
-                kind="condition",
-                passed=condition_holds(condition, claims),
-                wants=_describe(condition),
-                claim=condition.claim,
-                seen=policy.find_claim(claims, condition.claim),
-            )
-        )
+        value = policy.find_claim(claims, condition.claim)
+        passed = _value_holds(condition, value)
+        checks.append(Check("condition", passed, _describe(condition), condition.claim, value))
     if rule.require_email_verified:
+        verified = _email_verified(claims)
+        seen = claims.get("email_verified")
         checks.append(
-            Check(
-                kind="email_verified",
-                passed=_email_verified(claims),
-                wants="email_verified true",
-                claim="email_verified",
-                seen=claims.get("email_verified"),
-            )
+            Check("email_verified", verified, "email_verified true", "email_verified", seen)
         )
     if rule.require_mfa:
-        wants = f"amr has one of {json.dumps(list(rule.mfa_amr_values))}"
-        if rule.mfa_acr_values:
-            wants += f" or acr in {json.dumps(list(rule.mfa_acr_values))}"
-        checks.append(
-            Check(
-                kind="mfa",
-                passed=_mfa_satisfied(rule, claims),
-                wants=wants,
-                claim="amr",
-                seen={"amr": claims.get("amr"), "acr": claims.get("acr")},
-            )
-        )
+        wants = _wants_mfa(rule.mfa_amr_values, rule.mfa_acr_values)
+        seen = {"amr": claims.get("amr"), "acr": claims.get("acr")}
+        checks.append(Check("mfa", _mfa_satisfied(rule, claims), wants, "amr", seen))
     return RuleOutcome(rule=rule, checks=tuple(checks))
 
 
