@@ -9,7 +9,8 @@ The page is checked the way a person would use it: providers listed, the provide
 sign-in form, the roles page, the credentials page with its copy buttons and countdown
 (so the script ran under the strict CSP), and sign-out.
 
-Every page of ours (sign-in, roles, role choice, credentials, the HTML 404) is also
+Every page of ours (sign-in, roles, role choice, credentials, the HTML 404, a refused
+person's roles page) is also
 checked at a phone width (360 px, emulated as a mobile device) and at a desktop width
 (1280 px): a full-page screenshot of each under ``tests/artifacts/`` (``NAME-360.png``,
 ``NAME-1280.png``), nothing wider than the viewport (the document's scrollWidth and
@@ -279,8 +280,25 @@ def check_page(driver: Any, name: str, axe_source: str) -> None:
     driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
+def _demo(name: str) -> str:
+    return next(str(u["sub"]) for u in DEMO_USERS if str(u["sub"]).split("@")[0] == name)
+
+
 def _alice() -> str:
-    return next(str(u["sub"]) for u in DEMO_USERS if str(u["sub"]).split("@")[0] == "alice")
+    return _demo("alice")
+
+
+def _sign_in_at_provider(driver: Any, sub: str) -> None:
+    """Pick ``sub`` on the local OIDC provider's sign-in page."""
+    from selenium.webdriver.common.by import By
+
+    buttons = driver.find_elements(By.CSS_SELECTOR, f'button[name="sub"][value="{sub}"]')
+    if buttons:
+        buttons[0].click()
+    else:
+        field = driver.find_element(By.CSS_SELECTOR, 'input[name="sub"]')
+        field.send_keys(sub)
+        field.submit()
 
 
 def test_sign_in_to_credentials_in_chromium(
@@ -306,13 +324,7 @@ def test_sign_in_to_credentials_in_chromium(
     # 2. The local provider's sign-in form: sign in as alice.
     wait.until(ec.url_contains(broker.stack.oidc.url))
     sub = _alice()
-    buttons = driver.find_elements(By.CSS_SELECTOR, f'button[name="sub"][value="{sub}"]')
-    if buttons:
-        buttons[0].click()
-    else:
-        field = driver.find_element(By.CSS_SELECTOR, 'input[name="sub"]')
-        field.send_keys(sub)
-        field.submit()
+    _sign_in_at_provider(driver, sub)
 
     # 3. Back at the broker, signed in: who we are and the roles.
     wait.until(ec.url_to_be(f"{broker.url}/"))
@@ -396,3 +408,19 @@ def test_sign_in_to_credentials_in_chromium(
     wait.until(ec.presence_of_element_located((By.ID, "signed-out")))
     driver.get(f"{broker.url}/")
     wait.until(ec.url_contains("/login"))
+
+    # 7. mallory, whose address the provider never verified, is told why on her roles
+    # page and on the refusal page, both usable on a phone.
+    driver.find_element(By.ID, "provider-demo").click()
+    wait.until(ec.url_contains(broker.stack.oidc.url))
+    _sign_in_at_provider(driver, _demo("mallory"))
+    wait.until(ec.url_to_be(f"{broker.url}/"))
+    why = "your e-mail address is not verified at Demo OpenID Connect provider"
+    assert why in driver.find_element(By.ID, "no-roles").text
+    check_page(driver, "denied-home", axe_source)
+    driver.get(f"{broker.url}/credentials")
+    assert why in driver.find_element(By.ID, "no-roles").text
+
+    logs = driver.get_log("browser")
+    violations = [e["message"] for e in logs if "Content Security Policy" in e["message"]]
+    assert not violations, violations
