@@ -12,6 +12,13 @@ Condition semantics, chosen so that anything unexpected fails closed:
 * a list claim satisfies ``equals``/``starts_with``/``glob``/``in`` when any element
   does, ``contains`` when the value is one of its elements, and ``not_equals`` only when
   every element is a comparable value different from the condition's value.
+
+One evaluation, two readers: ``evaluate_rule`` reports every check a rule makes (and
+the claim value it saw); ``decide`` stops at the first rule whose checks all pass, and
+``explain`` calls ``decide`` and shows every rule's checks, so what explain says is what
+decide did (tests/unit/test_explain.py holds the two together). Refusals are worded for
+the person (``denial_reasons``) only when asked (``explain_denials``), and never echo a
+claim value.
 """
 
 from __future__ import annotations
