@@ -11,7 +11,17 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from broker.services import EXTENSION_KEY, Services
 from broker.settings import Settings, load_settings
 from broker.store import request_scope
-from broker.web import api, console, errors, health, replay, request_id, security_headers, sso
+from broker.web import (
+    api,
+    console,
+    errors,
+    health,
+    pages,
+    replay,
+    request_id,
+    security_headers,
+    sso,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -47,6 +57,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.register_blueprint(api.blueprint)
     app.register_blueprint(sso.blueprint)
     app.register_blueprint(console.blueprint)
+    app.register_blueprint(pages.blueprint)
     security_headers.install(app)
     return app
 

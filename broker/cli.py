@@ -1,4 +1,4 @@
-"""The ``broker`` command: serve | dev | check-config | demo-login | keygen."""
+"""The ``broker`` command: serve | dev | check-config | explain | demo-login | keygen."""
 
 from __future__ import annotations
 
@@ -21,8 +21,11 @@ def _configure_logging(level: str) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    if args.config and args.config_file and args.config != args.config_file:
+        print("check-config: give the config file once (--config FILE)", file=sys.stderr)
+        return 2
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(args.config or args.config_file)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -31,6 +34,85 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for rule in settings.rules:
         print(f"  rule {rule.name!r}: {', '.join(rule.providers)} -> {', '.join(rule.roles)}")
     return 0
+
+
+# broker explain exit codes: 0 the rules allow, 3 they refuse (1 is a bad config or
+# claims file, 2 a usage error, as for every command).
+EXPLAIN_DENIED = 3
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from broker.errors import BrokerError
+    from broker.services import explain_claims
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        with open(args.claims, encoding="utf-8") as file:
+            claims = json.load(file)
+    except (OSError, ValueError) as exc:
+        print(f"explain: cannot read claims from {args.claims}: {exc}", file=sys.stderr)
+        return 1
+    if not isinstance(claims, dict):
+        print(f"explain: {args.claims} must hold a JSON object of claims", file=sys.stderr)
+        return 1
+    if args.provider not in settings.providers:
+        configured = ", ".join(sorted(settings.providers))
+        print(
+            f"explain: unknown provider {args.provider!r}; configured: {configured}",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        explanation = explain_claims(
+            settings,
+            args.provider,
+            claims,
+            role_arn=args.role_arn,
+            duration_seconds=args.duration,
+        )
+    except BrokerError as exc:
+        print(f"explain: {exc.message}", file=sys.stderr)
+        return 1
+    answer = explanation.to_json()
+    print(json.dumps(answer, indent=2) if args.json else format_explanation(answer))
+    return 0 if answer["allowed"] else EXPLAIN_DENIED
+
+
+def format_explanation(answer: dict[str, Any]) -> str:
+    """The explanation as an operator reads it: one block per rule, then the grant."""
+    lines = [f"provider {answer['provider']}, subject {answer['subject']}"]
+    lines.append(f"identity id {answer['identity_id']}")
+    for i, rule in enumerate(answer["rules"]):
+        state = "MATCH" if rule["matched"] else "no match"
+        note = "" if rule["reached"] else " (not used: an earlier rule matched)"
+        lines.append(f"rule {i} {rule['name']!r}: {state}{note}")
+        for check in rule["checks"]:
+            mark = "ok  " if check["passed"] else "FAIL"
+            lines.append(f"  {mark} {check['wants']} (seen: {json.dumps(check['seen'])})")
+    if answer["error"]:
+        lines.append(f"refused: {answer['error']['error']}: {answer['error']['message']}")
+        return "\n".join(lines)
+    duration = answer["duration_seconds"]
+    lines += [
+        f"role {answer['role_arn']} (may choose: {', '.join(answer['roles'])})",
+        f"duration {duration['granted']}s (default {duration['default']}, "
+        f"allowed {duration['min']}-{duration['max']})",
+        f"session name {answer['session_name']}",
+        f"policy ARNs: {', '.join(answer['policy_arns']) or 'none'}",
+    ]
+    if answer["session_policy"] is None:
+        lines.append("session policy: none (the role's own policies apply unscoped)")
+    else:
+        lines.append(
+            f"session policy ({answer['session_policy_chars']} of "
+            f"{answer['session_policy_limit']} characters STS accepts):"
+        )
+        lines.append(json.dumps(answer["session_policy"], indent=2))
+    return "\n".join(lines)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -102,8 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_dev)
 
     p = sub.add_parser("check-config", help="validate a config file and report every problem")
-    p.add_argument("config", nargs="?", help="TOML config file (default: $BROKER_CONFIG)")
+    p.add_argument("--config", help="TOML config file (default: $BROKER_CONFIG)")
+    # The positional form came first; it stays so scripts written for it keep working.
+    p.add_argument("config_file", nargs="?", metavar="FILE", help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_check_config)
+
+    p = sub.add_parser(
+        "explain",
+        help="show what the rules decide for a set of claims, rule by rule (mints nothing)",
+    )
+    p.add_argument("--config", help="TOML config file (default: $BROKER_CONFIG)")
+    p.add_argument("--provider", required=True, help="a configured provider name")
+    p.add_argument("--claims", required=True, help="JSON file with the verified claims")
+    p.add_argument("--role-arn", default=None, help="the role the caller would ask for")
+    p.add_argument("--duration", type=int, default=None, help="DurationSeconds asked for")
+    p.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    p.set_defaults(fn=cmd_explain)
 
     p = sub.add_parser(
         "demo-login",

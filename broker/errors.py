@@ -36,6 +36,7 @@ error path can write the audit event for it (``broker.web.errors.report``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 
@@ -50,13 +51,22 @@ class BrokerError(Exception):
     # store's outage log), so the error handler must not log each occurrence again.
     logged_at_source: ClassVar[bool] = False
 
-    def __init__(self, message: str | None = None, *, retry_after: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        retry_after: int | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
         self.message = message or self.default_message
         # Seconds a client should wait before retrying (rendered as Retry-After).
         self.retry_after = retry_after if retry_after is not None else self.default_retry_after
         # Whom the failure was about, when known: for the audit trail, never shown.
         self.provider: str | None = None
         self.identity_id: str | None = None
+        # Extra JSON fields beside error and message (e.g. the roles a caller may pick),
+        # written for the caller like the message.
+        self.details: Mapping[str, Any] = details or {}
         super().__init__(self.message)
 
     def about(self, *, provider: str | None, identity_id: str | None = None) -> None:
@@ -68,7 +78,7 @@ class BrokerError(Exception):
             self.identity_id = identity_id
 
     def to_dict(self) -> dict[str, Any]:
-        return {"error": self.code, "message": self.message}
+        return {**self.details, "error": self.code, "message": self.message}
 
 
 class ClientError(BrokerError):

@@ -1,7 +1,9 @@
 """Who the caller is, after a provider has verified their token.
 
 ``VerifiedToken`` is what a provider hands back; only provider code may build one, after
-every check passed. ``Identity`` adds the broker's stable, private identity id.
+every check passed, with one exception: ``hypothetical_token`` builds one from claims an
+operator typed, for ``explain``, and carries no token, so it can never reach STS.
+``Identity`` adds the broker's stable, private identity id.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NewType
+
+from broker.errors import BadRequest
 
 # Claims that passed signature, issuer, audience and time checks (or the provider's
 # token-introspection endpoint). Nothing unverified is ever typed as this.
@@ -77,3 +81,23 @@ class IdentityIds:
         return Identity(
             identity_id=self.derive(verified.provider, verified.subject), verified=verified
         )
+
+
+def hypothetical_token(provider: str, claims: Mapping[str, Any]) -> VerifiedToken:
+    """Claims an operator supplies to see what the rules would do (``broker explain``).
+
+    Never verified, so never minted from: the token is empty (STS would refuse it) and
+    explain never calls the credential path. ``sub`` names the subject, as every
+    provider in the broker puts it there.
+    """
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or not subject:
+        raise BadRequest("the claims need a non-empty string 'sub'")
+    return VerifiedToken(
+        provider=provider,
+        subject=subject,
+        claims=VerifiedClaims(dict(claims)),
+        token="",
+        sts_provider_id=None,
+        expires_at=0,
+    )

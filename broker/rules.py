@@ -12,18 +12,33 @@ Condition semantics, chosen so that anything unexpected fails closed:
 * a list claim satisfies ``equals``/``starts_with``/``glob``/``in`` when any element
   does, ``contains`` when the value is one of its elements, and ``not_equals`` only when
   every element is a comparable value different from the condition's value.
+
+One evaluation, two readers: ``evaluate_rule`` reports every check a rule makes (and
+the claim value it saw); ``decide`` stops at the first rule whose checks all pass, and
+``explain`` calls ``decide`` and shows every rule's checks, so what explain says is what
+decide did (tests/unit/test_explain.py holds the two together). Refusals are worded for
+the person (``denial_reasons``) only when asked (``explain_denials``), and never echo a
+claim value.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any
+from functools import cache
+from typing import Any, Literal, NamedTuple
 
 from broker import errors, policy
 from broker.identity import Identity
-from broker.settings import STS_MAX_DURATION, STS_MIN_DURATION, Condition, RuleSettings
+from broker.settings import (
+    STS_MAX_DURATION,
+    STS_MAX_INLINE_POLICY_CHARS,
+    STS_MIN_DURATION,
+    Condition,
+    RuleSettings,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +89,10 @@ def _scalar_holds(condition: Condition, text: str) -> bool:
 
 
 def condition_holds(condition: Condition, claims: Mapping[str, Any]) -> bool:
-    value = policy.find_claim(claims, condition.claim)
+    return _value_holds(condition, policy.find_claim(claims, condition.claim))
+
+
+def _value_holds(condition: Condition, value: Any) -> bool:
     if value is None:
         return False
     if isinstance(value, list | tuple):
@@ -104,34 +122,165 @@ def _mfa_satisfied(rule: RuleSettings, claims: Mapping[str, Any]) -> bool:
     return isinstance(acr, str) and acr in rule.mfa_acr_values
 
 
-def rule_matches(rule: RuleSettings, identity: Identity) -> bool:
-    if identity.provider not in rule.providers:
-        return False
-    # Settings refuses unbound rules; refusing them here too keeps a hand-built rule
-    # with no conditions from matching everyone the provider vouches for.
-    if not rule.conditions:
-        return False
+# --------------------------------------------------------------------------- evaluation
+#
+# One evaluation of one rule, reported check by check. decide() and explain() both read
+# it, so what explain says about a rule is what decide did with it.
+
+CheckKind = Literal["provider", "unbound", "condition", "email_verified", "mfa"]
+
+
+class Check(NamedTuple):
+    """One thing a rule asks of an identity, and whether this identity has it.
+    (A tuple: decide builds several per request, and tuples are cheap to build.)"""
+
+    kind: CheckKind
+    passed: bool
+    # What the rule asks, in an operator's words ('groups contains "admins"').
+    wants: str
+    claim: str | None = None
+    # The claim value(s) seen, as JSON data; None when absent.
+    seen: Any = None
+
+
+class RuleOutcome(NamedTuple):
+    rule: RuleSettings
+    checks: tuple[Check, ...]
+
+    @property
+    def matched(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failed(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if not c.passed)
+
+
+# The descriptions depend only on the (frozen, immutable) rule data: worked out once.
+
+
+@cache
+def _describe(condition: Condition) -> str:
+    value = condition.value
+    shown = json.dumps(list(value) if isinstance(value, tuple) else value)
+    return f"{condition.claim} {condition.op} {shown}"
+
+
+@cache
+def _wants_provider(providers: tuple[str, ...]) -> str:
+    return f"provider in {json.dumps(list(providers))}"
+
+
+@cache
+def _wants_mfa(amr_values: tuple[str, ...], acr_values: tuple[str, ...]) -> str:
+    wants = f"amr has one of {json.dumps(list(amr_values))}"
+    return f"{wants} or acr in {json.dumps(list(acr_values))}" if acr_values else wants
+
+
+def evaluate_rule(rule: RuleSettings, identity: Identity) -> RuleOutcome:
+    """Every check ``rule`` makes of ``identity``. A provider the rule is not scoped to
+    ends the evaluation: its claims mean nothing to this rule."""
     claims = identity.claims
-    if not all(condition_holds(c, claims) for c in rule.conditions):
-        return False
-    if rule.require_email_verified and not _email_verified(claims):
-        return False
-    return not (rule.require_mfa and not _mfa_satisfied(rule, claims))
+    scoped = identity.provider in rule.providers
+    checks = [Check("provider", scoped, _wants_provider(rule.providers), None, identity.provider)]
+    if not scoped:
+        return RuleOutcome(rule=rule, checks=tuple(checks))
+    if not rule.conditions:
+        # Settings refuses unbound rules; refusing them here too keeps a hand-built rule
+        # with no conditions from matching everyone the provider vouches for.
+        checks.append(Check("unbound", False, "at least one condition"))
+    for condition in rule.conditions:
+        value = policy.find_claim(claims, condition.claim)
+        passed = _value_holds(condition, value)
+        checks.append(Check("condition", passed, _describe(condition), condition.claim, value))
+    if rule.require_email_verified:
+        verified = _email_verified(claims)
+        seen = claims.get("email_verified")
+        checks.append(
+            Check("email_verified", verified, "email_verified true", "email_verified", seen)
+        )
+    if rule.require_mfa:
+        wants = _wants_mfa(rule.mfa_amr_values, rule.mfa_acr_values)
+        seen = {"amr": claims.get("amr"), "acr": claims.get("acr")}
+        checks.append(Check("mfa", _mfa_satisfied(rule, claims), wants, "amr", seen))
+    return RuleOutcome(rule=rule, checks=tuple(checks))
 
 
-def matching_rule(rules: Sequence[RuleSettings], identity: Identity) -> RuleSettings:
+def rule_matches(rule: RuleSettings, identity: Identity) -> bool:
+    return evaluate_rule(rule, identity).matched
+
+
+def evaluate(rules: Sequence[RuleSettings], identity: Identity) -> Iterator[RuleOutcome]:
+    """Each rule's outcome, in order (the caller stops at the first match)."""
     for rule in rules:
-        if rule_matches(rule, identity):
-            return rule
-    # Neither claim values nor rule names go into the message: the caller learns only
-    # that they are denied, not what would have let them in.
+        yield evaluate_rule(rule, identity)
+
+
+# --------------------------------------------------------------------------- denials
+
+
+def denial_reasons(outcomes: Sequence[RuleOutcome], provider_label: str) -> list[str]:
+    """Why no rule matched, in words a person can act on.
+
+    A rule that failed only on a requirement (verified e-mail, MFA) is the nearest miss:
+    its requirement is what the person can fix, so it is named first and alone. Claim
+    values are never echoed (they may be an e-mail address, and messages reach logs).
+    """
+    scoped = [o for o in outcomes if o.checks[0].passed]
+    if not scoped:
+        return [f"no role is set up for people who sign in with {provider_label}"]
+    for outcome in scoped:
+        kinds = {c.kind for c in outcome.failed}
+        if kinds and kinds <= {"email_verified", "mfa"}:
+            reasons = []
+            if "email_verified" in kinds:
+                reasons.append(f"your e-mail address is not verified at {provider_label}")
+            if "mfa" in kinds:
+                reasons.append(
+                    "this needs multi-factor sign-in: sign in again at "
+                    f"{provider_label} with a second factor"
+                )
+            return reasons
+    reasons = []
+    for outcome in scoped:
+        wants = [c.wants for c in outcome.failed if c.kind == "condition"]
+        if wants:
+            reasons.append(f"rule {outcome.rule.name!r} needs {' and '.join(wants)}")
+    return reasons or [f"no rule accepts this account at {provider_label}"]
+
+
+def matching_rule(
+    rules: Sequence[RuleSettings],
+    identity: Identity,
+    *,
+    explain_denials: bool = False,
+    provider_label: str | None = None,
+) -> RuleSettings:
+    seen: list[RuleOutcome] = []
+    for outcome in evaluate(rules, identity):
+        if outcome.matched:
+            return outcome.rule
+        seen.append(outcome)
+    if explain_denials:
+        reasons = denial_reasons(seen, provider_label or identity.provider)
+        raise errors.NoMatchingRule("; ".join(reasons), details={"reasons": reasons})
+    # Without explain_denials neither claim values nor rule names go into the message:
+    # the caller learns only that they are denied, not what would have let them in.
     raise errors.NoMatchingRule(
         f"no role rule matches this identity from provider {identity.provider!r}"
     )
 
 
-def allowed_roles(rules: Sequence[RuleSettings], identity: Identity) -> tuple[str, ...]:
-    return matching_rule(rules, identity).roles
+def allowed_roles(
+    rules: Sequence[RuleSettings],
+    identity: Identity,
+    *,
+    explain_denials: bool = False,
+    provider_label: str | None = None,
+) -> tuple[str, ...]:
+    return matching_rule(
+        rules, identity, explain_denials=explain_denials, provider_label=provider_label
+    ).roles
 
 
 def _duration(rule: RuleSettings, requested: int | None) -> int:
@@ -153,8 +302,12 @@ def decide(
     *,
     role_arn: str | None = None,
     duration_seconds: int | None = None,
+    explain_denials: bool = False,
+    provider_label: str | None = None,
 ) -> Grant:
-    rule = matching_rule(rules, identity)
+    rule = matching_rule(
+        rules, identity, explain_denials=explain_denials, provider_label=provider_label
+    )
     if role_arn is None:
         role = rule.roles[0]
     elif not isinstance(role_arn, str):
@@ -162,7 +315,13 @@ def decide(
     elif role_arn in rule.roles:
         role = role_arn
     else:
-        raise errors.RoleNotAllowed()
+        # The roles this identity may choose are no secret (POST /v1/roles lists them),
+        # and naming them is what lets the caller fix the request.
+        raise errors.RoleNotAllowed(
+            f"this identity may not assume the requested role; it may choose: "
+            f"{', '.join(rule.roles)}",
+            details={"allowed_roles": list(rule.roles)},
+        )
     duration = _duration(rule, duration_seconds)
     session_policy = (
         policy.render(rule.session_policy, identity) if rule.session_policy is not None else None
@@ -173,4 +332,108 @@ def decide(
         duration_seconds=duration,
         session_policy=session_policy,
         policy_arns=rule.policy_arns,
+    )
+
+
+# --------------------------------------------------------------------------- explain
+
+
+@dataclass(frozen=True, kw_only=True)
+class Explanation:
+    """The whole decision for one identity, without minting anything.
+
+    ``grant`` and ``error`` are exactly what decide() returned or raised for the same
+    arguments (explain calls it), and ``outcomes`` come from the same evaluate_rule()
+    decide stops on: explain cannot tell a different story from the real decision.
+    """
+
+    identity: Identity
+    outcomes: tuple[RuleOutcome, ...]  # every rule, in order
+    grant: Grant | None
+    error: errors.BrokerError | None
+
+    @property
+    def rule(self) -> RuleSettings | None:
+        return next((o.rule for o in self.outcomes if o.matched), None)
+
+    def to_json(self) -> dict[str, Any]:
+        rule = self.rule
+        decisive = next((i for i, o in enumerate(self.outcomes) if o.matched), None)
+        grant = self.grant
+        return {
+            "allowed": grant is not None,
+            "provider": self.identity.provider,
+            "subject": self.identity.subject,
+            "identity_id": self.identity.identity_id,
+            "rule": rule.name if rule else None,
+            "rules": [
+                {
+                    "name": o.rule.name,
+                    "matched": o.matched,
+                    # First match wins: rules after the deciding one are shown, not used.
+                    "reached": decisive is None or i <= decisive,
+                    "checks": [
+                        {
+                            "check": c.kind,
+                            "passed": c.passed,
+                            "wants": c.wants,
+                            "claim": c.claim,
+                            "seen": c.seen,
+                        }
+                        for c in o.checks
+                    ],
+                }
+                for i, o in enumerate(self.outcomes)
+            ],
+            "roles": list(rule.roles) if rule else [],
+            "role_arn": grant.role_arn if grant else None,
+            "duration_seconds": None
+            if rule is None
+            else {
+                "min": STS_MIN_DURATION,
+                "default": rule.default_duration_seconds,
+                "max": min(STS_MAX_DURATION, rule.max_duration_seconds),
+                "granted": grant.duration_seconds if grant else None,
+            },
+            "session_policy": json.loads(grant.session_policy)
+            if grant and grant.session_policy
+            else None,
+            "session_policy_chars": len(grant.session_policy)
+            if grant and grant.session_policy
+            else 0,
+            "session_policy_limit": STS_MAX_INLINE_POLICY_CHARS,
+            "policy_arns": list(grant.policy_arns) if grant else [],
+            "session_name": policy.session_name(self.identity),
+            "error": None if self.error is None else self.error.to_dict(),
+        }
+
+
+def explain(
+    rules: Sequence[RuleSettings],
+    identity: Identity,
+    *,
+    role_arn: str | None = None,
+    duration_seconds: int | None = None,
+    explain_denials: bool = True,
+    provider_label: str | None = None,
+) -> Explanation:
+    """What decide() does for ``identity``, rule by rule, and why."""
+    grant: Grant | None = None
+    error: errors.BrokerError | None = None
+    try:
+        grant = decide(
+            rules,
+            identity,
+            role_arn=role_arn,
+            duration_seconds=duration_seconds,
+            explain_denials=explain_denials,
+            provider_label=provider_label,
+        )
+    except errors.BrokerError as exc:
+        error = exc
+    return Explanation(
+        identity=identity,
+        outcomes=tuple(evaluate(rules, identity)),
+        grant=grant,
+        error=error,
     )

@@ -20,12 +20,12 @@ from broker import rules
 from broker.credentials import CredentialService
 from broker.errors import BrokerError, RateLimited, UnknownProvider
 from broker.http import Http
-from broker.identity import Identity, IdentityIds
+from broker.identity import Identity, IdentityIds, hypothetical_token
 from broker.memo import ExpiringCache
 from broker.providers import build_providers
 from broker.providers.base import IdentityProvider
 from broker.rules import Grant
-from broker.settings import Settings
+from broker.settings import RuleSettings, Settings
 from broker.store import Sealer, Store, connect
 from broker.sts import STS, BotocoreSTS, IssuedCredentials, iso_utc
 
@@ -150,8 +150,41 @@ class Services:
             raise
         return self.identity_ids.identify(verified)
 
+    def _denials(self, identity: Identity) -> dict[str, Any]:
+        """How a refusal is worded for this identity (``server.explain_denials``)."""
+        provider = self.providers.get(identity.provider)
+        return {
+            "explain_denials": self.settings.server.explain_denials,
+            "provider_label": provider.display_name if provider else identity.provider,
+        }
+
+    def matching_rule(self, identity: Identity) -> RuleSettings:
+        """The rule that decides for ``identity``; NoMatchingRule, worded for the
+        person, when none does."""
+        return rules.matching_rule(self.settings.rules, identity, **self._denials(identity))
+
     def allowed_roles(self, identity: Identity) -> tuple[str, ...]:
-        return rules.allowed_roles(self.settings.rules, identity)
+        return self.matching_rule(identity).roles
+
+    def explain(
+        self,
+        provider: str,
+        claims: Mapping[str, Any],
+        *,
+        role_arn: str | None = None,
+        duration_seconds: int | None = None,
+    ) -> rules.Explanation:
+        """The decision the rules would make for ``claims`` at ``provider``, rule by
+        rule, with the grant it would produce. Nothing is minted, cached or limited."""
+        self.provider(provider)  # UnknownProvider for a name that is not configured
+        return explain_claims(
+            self.settings,
+            provider,
+            claims,
+            role_arn=role_arn,
+            duration_seconds=duration_seconds,
+            provider_label=self.providers[provider].display_name,
+        )
 
     def issue(
         self,
@@ -179,7 +212,11 @@ class Services:
         try:
             self.limit_identity(identity.identity_id)
             return rules.decide(
-                self.settings.rules, identity, role_arn=role_arn, duration_seconds=duration_seconds
+                self.settings.rules,
+                identity,
+                role_arn=role_arn,
+                duration_seconds=duration_seconds,
+                **self._denials(identity),
             )
         except BrokerError as exc:
             # Denials (rules, the rate limit) are audited by the error path, which needs
@@ -237,6 +274,32 @@ class Services:
             close()
         self.http.close()
         self.store.client.close()
+
+
+def explain_claims(
+    settings: Settings,
+    provider: str,
+    claims: Mapping[str, Any],
+    *,
+    role_arn: str | None = None,
+    duration_seconds: int | None = None,
+    provider_label: str | None = None,
+) -> rules.Explanation:
+    """rules.explain for claims an operator supplies (``broker explain``, ``POST
+    /v1/explain``): the identity id is the one the broker would derive for them."""
+    ids = IdentityIds(key=settings.security.identity_key, region=settings.identity.region)
+    identity = ids.identify(hypothetical_token(provider, claims))
+    label = provider_label
+    if label is None and provider in settings.providers:
+        label = settings.providers[provider].display_name
+    return rules.explain(
+        settings.rules,
+        identity,
+        role_arn=role_arn,
+        duration_seconds=duration_seconds,
+        explain_denials=True,
+        provider_label=label,
+    )
 
 
 def current_services() -> Services:

@@ -12,12 +12,13 @@ errors, because a misspelt key in a role rule must stop the start, not open a ho
 from __future__ import annotations
 
 import base64
+import difflib
 import hashlib
 import json
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -74,6 +75,15 @@ class ServerSettings:
     trusted_proxies: int = 0
     # debug | info | warning | error; info keeps the audit trail (one line per issue).
     log_level: str = "info"
+    # Tell a refused person why, in words they can act on ("your e-mail address is not
+    # verified at ..."); off keeps rule internals private (a bare "no rule matches").
+    explain_denials: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdminSettings:
+    # Bearer token for the operator endpoints (POST /v1/explain); None: they are off.
+    token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,6 +260,7 @@ class Settings:
     console: ConsoleSettings
     providers: Mapping[str, ProviderSettings]
     rules: tuple[RuleSettings, ...]
+    admin: AdminSettings = AdminSettings()
     # Digest of the effective configuration: part of credential cache keys, so a rule
     # or policy change never serves credentials minted under the old rules.
     config_version: str
@@ -361,7 +372,13 @@ class _Reader:
 
     def finish(self) -> None:
         for name in sorted(set(self.data) - self.used):
-            self.problems.append(f"{self.key(name)}: unknown key")
+            self.problems.append(f"{self.key(name)}: unknown key{did_you_mean(name, self.used)}")
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """ " (did you mean 'x'?)" for the closest known key, or "" when none is close."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _is_http_url(value: str) -> bool:
@@ -392,12 +409,27 @@ def _parse_env_value(text: str) -> Any:
         return text
 
 
+def is_override(name: str) -> bool:
+    """Whether environment variable ``name`` is a config override.
+
+    Only ``BROKER_<SECTION>__<KEY>`` names are: every setting lives in a section, so an
+    override always has a double underscore. Other ``BROKER_*`` variables (run.py's
+    ``BROKER_VENV``, ``BROKER_CONFIG``) belong to someone else and are left alone.
+    """
+    return name.startswith(ENV_PREFIX) and "__" in name[len(ENV_PREFIX) :]
+
+
 def apply_env_overrides(
-    raw: dict[str, Any], env: Mapping[str, str], problems: list[str]
+    raw: dict[str, Any],
+    env: Mapping[str, str],
+    problems: list[str],
+    origins: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """``raw`` with the environment's overrides merged in. ``origins`` receives, per
+    dotted key path set, the variable that set it (so problems can name it)."""
     merged: dict[str, Any] = json.loads(json.dumps(raw))  # deep copy of plain TOML data
     for name, text in sorted(env.items()):
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+        if not is_override(name):
             continue
         path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
         if not all(path):
@@ -412,7 +444,24 @@ def apply_env_overrides(
             node = child
         else:
             node[path[-1]] = _parse_env_value(text)
+            if origins is not None:
+                origins[".".join(path)] = name
     return merged
+
+
+def _name_variables(problems: list[str], origins: Mapping[str, str]) -> list[str]:
+    """Each problem about a key an environment variable set, saying which variable:
+    the operator looking at the TOML file would never find it there."""
+    out = []
+    for problem in problems:
+        key = problem.split(": ", 1)[0]
+        names = [
+            var
+            for path, var in origins.items()
+            if key == path or key.startswith((path + ".", path + "[")) or path.startswith(key + ".")
+        ]
+        out.append(f"{problem} (from {', '.join(sorted(names))})" if names else problem)
+    return out
 
 
 def _resolve_file_secrets(node: Any, path: str, base_dir: Path, problems: list[str]) -> Any:
@@ -450,6 +499,7 @@ def _server(r: _Reader) -> ServerSettings:
         max_body_bytes=r.integer("max_body_bytes", 64 * 1024, lo=1024, hi=10 * 1024 * 1024),
         trusted_proxies=r.integer("trusted_proxies", 0, lo=0, hi=10),
         log_level=r.text("log_level", "info").lower(),
+        explain_denials=r.flag("explain_denials", True),
     )
     if s.log_level not in {"debug", "info", "warning", "error"}:
         r.problem("log_level", "must be debug, info, warning or error")
@@ -575,6 +625,19 @@ def _console(r: _Reader) -> ConsoleSettings:
     )
     r.finish()
     return s
+
+
+# An admin token guards what rules and policies would do for anyone: it must not be
+# guessable, and 32 characters of base64 or hex are 128+ bits.
+ADMIN_TOKEN_MIN_CHARS = 32
+
+
+def _admin(r: _Reader) -> AdminSettings:
+    token = r.opt_str("token")
+    if token is not None and len(token.strip()) < ADMIN_TOKEN_MIN_CHARS:
+        r.problem("token", f"must be at least {ADMIN_TOKEN_MIN_CHARS} characters")
+    r.finish()
+    return AdminSettings(token=token.strip() if token else None)
 
 
 def _oidc_provider(name: str, kind: str, r: _Reader) -> OIDCProviderSettings:
@@ -795,6 +858,12 @@ def _rule(
         from broker.policy import check_template  # policy owns template semantics
 
         problems.extend(f"rules[{i}].session_policy: {p}" for p in check_template(rule))
+    if isinstance(raw.get("name"), str) and raw["name"]:
+        # Operators know their rules by name, not by position in the file.
+        prefix = f"rules[{i}]"
+        for j in range(before, len(problems)):
+            if problems[j].startswith(prefix):
+                problems[j] += f" (in rule {raw['name']!r})"
     return rule if len(problems) == before else None
 
 
@@ -810,7 +879,8 @@ def settings_from_mapping(
 ) -> Settings:
     problems: list[str] = []
     base = base_dir or Path.cwd()
-    merged = apply_env_overrides(dict(raw), os.environ if env is None else env, problems)
+    origins: dict[str, str] = {}
+    merged = apply_env_overrides(dict(raw), os.environ if env is None else env, problems, origins)
     merged = _resolve_file_secrets(merged, "", base, problems)
     version = hashlib.sha256(json.dumps(merged, sort_keys=True, default=str).encode()).hexdigest()[
         :16
@@ -828,6 +898,7 @@ def settings_from_mapping(
         "web": _web,
         "console": _console,
         "upstream": _upstream,
+        "admin": _admin,
     }
     built = {name: fn(top.table(name)) for name, fn in sections.items()}
     providers = _providers(top.table("providers"))
@@ -842,6 +913,11 @@ def settings_from_mapping(
             rule = _rule(i, raw_rule, providers, problems, base)
             if rule:
                 rules.append(rule)
+        names = [r.get("name") for r in raw_rules if isinstance(r, Mapping)]
+        for name in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1}):
+            # Explain, /v1/roles and the audit trail name rules: two with one name would
+            # make every one of them ambiguous.
+            problems.append(f"rules: more than one rule is named {name!r}")
     top.finish()
     upstream = built["upstream"]
     if isinstance(upstream, UpstreamSettings):
@@ -855,7 +931,7 @@ def settings_from_mapping(
                     "a request may spend on a provider"
                 )
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(_name_variables(problems, origins))
     return Settings(
         **built,
         providers=providers,

@@ -239,7 +239,11 @@ def run_dev(*, port: int, workdir: str) -> int:
     print("starting the dev stack (Redis, STS, OIDC provider, social, federation) ...", flush=True)
     with local_stack(root / "run") as stack:
         # Environment overrides apply to the dev stack too (e.g. BROKER_RATE_LIMIT__...).
-        settings = settings_from_mapping(stack.config(broker_url, social=True), source="dev stack")
+        config = stack.config(broker_url, social=True)
+        settings = settings_from_mapping(config, source="dev stack")
+        # The same configuration as a file, for `broker explain --config` and check-config
+        # (dev keys only; they live in this directory already).
+        (root / "broker.toml").write_text(dump_toml(config))
         app = create_app(settings)
         server = make_server("127.0.0.1", port, app, threaded=True)
         state = {
@@ -255,6 +259,7 @@ def run_dev(*, port: int, workdir: str) -> int:
             "facebook_url": stack.social.facebook.url,
             "facebook_users": list(stack.social.facebook.users),
             "federation_url": stack.federation.url,
+            "config_file": str(root / "broker.toml"),
             "pid": os.getpid(),
         }
         state_path = root / STATE_FILE
@@ -298,6 +303,8 @@ Next, in another terminal:
   python3 run.py broker demo-login --provider facebook --user bob   # Facebook
   python3 run.py broker demo-login --user alice --console           # console sign-in URL
 Or open {url}/login in a browser and pick a demo user (no passwords in the dev stack).
+Why a user gets (or not) a role, and the session policy they would get (mints nothing):
+  python3 run.py broker explain --config {state["config_file"]} --provider demo --claims FILE.json
 
 Ctrl-C stops everything.
 """

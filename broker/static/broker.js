@@ -27,6 +27,9 @@ function setupCopyButtons() {
       const source = document.getElementById(button.dataset.copy);
       if (!source) return;
       copyText(source.textContent.trim()).then(() => {
+        // The button keeps its aria-label, so say it once in the status region.
+        const status = document.getElementById("copy-status");
+        if (status) status.textContent = (button.getAttribute("aria-label") || "Copy").replace(/^Copy/, "Copied");
         const label = button.textContent;
         button.textContent = "Copied";
         button.classList.add("copied");
@@ -47,21 +50,42 @@ function formatLeft(seconds) {
   return (h > 0 ? h + ":" + pad(m) : String(m)) + ":" + pad(s) + " left";
 }
 
+// Minutes left at which the status region speaks; in between it stays quiet.
+const MILESTONES = [10, 5, 1];
+
 function setupCountdown() {
   const time = document.querySelector("time[data-countdown]");
   const out = document.getElementById("countdown");
+  const status = document.getElementById("countdown-status");
   if (!time || !out) return;
   const expires = Date.parse(time.getAttribute("datetime"));
   if (Number.isNaN(expires)) return;
-  time.textContent = new Date(expires).toLocaleString();
+  // The local time with its zone ("5:00:00 PM CET"): a bare time is ambiguous.
+  time.textContent = new Date(expires).toLocaleString(undefined, {
+    dateStyle: "medium",
+    timeStyle: "long",
+  });
+  let spoken = null;
+  const say = (text) => {
+    if (status && text !== spoken) {
+      status.textContent = text;
+      spoken = text;
+    }
+  };
   const tick = () => {
     const left = Math.round((expires - Date.now()) / 1000);
     if (left <= 0) {
       out.textContent = "expired";
       out.classList.add("expired");
+      say("These credentials have expired.");
       return;
     }
     out.textContent = "(" + formatLeft(left) + ")";
+    const minutes = Math.ceil(left / 60);
+    const milestone = MILESTONES.find((m) => minutes === m);
+    if (milestone !== undefined) {
+      say("These credentials expire in " + milestone + (milestone === 1 ? " minute." : " minutes."));
+    }
     setTimeout(tick, 1000);
   };
   tick();

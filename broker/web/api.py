@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from broker.errors import BadRequest
+from broker.errors import BadRequest, NotFound, Unauthenticated
 from broker.services import Issued, current_services
 from broker.web import replay
 from broker.web.security_headers import no_store
 
+audit_log = logging.getLogger("broker.audit")
+
 blueprint = Blueprint("api", __name__, url_prefix="/v1")
 
 MAX_TOKEN_CHARS = 16 * 1024
+_KIND_NAMES = {str: "a string", int: "a number", dict: "a JSON object"}
 
 
 def json_body(allowed: Mapping[str, type], required: tuple[str, ...]) -> dict[str, Any]:
@@ -47,7 +53,7 @@ def json_body(allowed: Mapping[str, type], required: tuple[str, ...]) -> dict[st
             continue
         # bool is an int subclass: `"duration_seconds": true` must not mean 1.
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise BadRequest(f"{name} must be a {'string' if kind is str else 'number'}")
+            raise BadRequest(f"{name} must be {_KIND_NAMES.get(kind, kind.__name__)}")
     token = body.get("token")
     if isinstance(token, str) and len(token) > MAX_TOKEN_CHARS:
         raise BadRequest("token is too long")
@@ -105,10 +111,64 @@ def roles() -> Response:
     body = json_body({"provider": str, "token": str, "nonce": str}, required=("provider", "token"))
     services = current_services()
     identity = services.identify(body["provider"], body["token"], nonce=body.get("nonce"))
+    rule = services.matching_rule(identity)
     return jsonify(
         {
             "identity_id": identity.identity_id,
             "provider": identity.provider,
-            "roles": list(services.allowed_roles(identity)),
+            "roles": list(rule.roles),
+            # Which rule granted each role (first match wins, so one rule grants all).
+            "rule": rule.name,
+            "grants": [{"role_arn": role, "rule": rule.name} for role in rule.roles],
         }
     )
+
+
+def _require_admin() -> None:
+    """The operator endpoints answer only to ``admin.token`` as a Bearer token.
+
+    Off (404, as if absent) when no token is configured, so a broker that never set one
+    shows nothing of its rules. The comparison is constant-time over digests, so neither
+    the token's content nor its length leaks through timing.
+    """
+    expected = current_services().settings.admin.token
+    if expected is None:
+        raise NotFound()
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    ok = hmac.compare_digest(
+        hashlib.sha256(given.strip().encode()).digest(),
+        hashlib.sha256(expected.encode()).digest(),
+    )
+    if scheme.lower() != "bearer" or not ok:
+        raise Unauthenticated("send the admin token as Authorization: Bearer <token>")
+
+
+@blueprint.post("/explain")
+def explain() -> Response:
+    """What the rules would decide for the given claims, rule by rule. Nothing is
+    minted: no STS call, no cache, no credentials."""
+    _require_admin()
+    body = json_body(
+        {"provider": str, "claims": dict, "role_arn": str, "duration_seconds": int},
+        required=("provider", "claims"),
+    )
+    explanation = current_services().explain(
+        body["provider"],
+        body["claims"],
+        role_arn=body.get("role_arn"),
+        duration_seconds=body.get("duration_seconds"),
+    )
+    answer = explanation.to_json()
+    audit_log.info(
+        "explain",
+        extra={
+            "audit": {
+                "event": "explain",
+                "provider": answer["provider"],
+                "identity_id": answer["identity_id"],
+                "rule": answer["rule"],
+                "allowed": answer["allowed"],
+            }
+        },
+    )
+    return jsonify(answer)

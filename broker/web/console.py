@@ -41,7 +41,7 @@ from urllib.parse import urlencode
 from flask import Blueprint, Flask, current_app, jsonify, redirect, request
 from werkzeug.wrappers import Response
 
-from broker import console, rules
+from broker import console
 from broker.errors import BadRequest, Unauthenticated
 from broker.identity import Identity
 from broker.safe_redirect import safe_next
@@ -128,7 +128,7 @@ def _signin(
     # duration limits apply to it: a console session never outlasts what the rule allows.
     # Checked here first only to name the right field in the message.
     if choice.session_duration is not None:
-        limit = rules.matching_rule(settings.rules, identity).max_duration_seconds
+        limit = services.matching_rule(identity).max_duration_seconds
         if choice.session_duration > limit:
             raise BadRequest(f"session_duration may be at most {limit} seconds for this identity")
     grant = services.decide(

@@ -21,6 +21,8 @@ client's next request with it (gunicorn's worker honours the header: broker.serv
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -49,9 +51,13 @@ _HTTP_CODES = {
 
 
 def error_response(
-    code: str, message: str, status: int, retry_after: int | None = None
+    code: str,
+    message: str,
+    status: int,
+    retry_after: int | None = None,
+    details: Mapping[str, Any] | None = None,
 ) -> Response:
-    body = {"error": code, "message": message}
+    body: dict[str, Any] = {**(details or {}), "error": code, "message": message}
     rid = logs.request_id.get()
     if rid is not None:
         body["request_id"] = rid
@@ -106,7 +112,7 @@ def report(exc: BrokerError) -> None:
 
 def broker_error(exc: BrokerError) -> Response:
     report(exc)
-    return error_response(exc.code, exc.message, exc.status, exc.retry_after)
+    return error_response(exc.code, exc.message, exc.status, exc.retry_after, exc.details)
 
 
 def http_error(exc: HTTPException) -> Response:

@@ -7,8 +7,18 @@ can be installed. Selenium itself is installed into this interpreter if missing.
 
 The page is checked the way a person would use it: providers listed, the provider's
 sign-in form, the roles page, the credentials page with its copy buttons and countdown
-(so the script ran under the strict CSP), and sign-out. A screenshot of the credentials
-page is saved under ``tests/artifacts/``.
+(so the script ran under the strict CSP), and sign-out.
+
+Every page of ours (sign-in, roles, role choice, credentials, the HTML 404, a refused
+person's roles page) is also
+checked at a phone width (360 px, emulated as a mobile device) and at a desktop width
+(1280 px): a full-page screenshot of each under ``tests/artifacts/`` (``NAME-360.png``,
+``NAME-1280.png``), nothing wider than the viewport (the document's scrollWidth and
+every element outside a horizontally scrolling box), and an axe-core accessibility run
+with no serious or critical violation. axe-core comes from the npm registry, pinned
+(``AXE_VERSION``), installed once with ``npm install`` into a cache directory
+(``$XDG_CACHE_HOME/broker-tests``) and injected with Selenium's ``execute_script``, which
+the page's CSP does not govern, so the CSP stays as strict as in production.
 """
 
 from __future__ import annotations
@@ -34,6 +44,13 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 APT_TIMEOUT_SECONDS = 1200
 PIP_TIMEOUT_SECONDS = 300
 WAIT_SECONDS = 20
+
+# axe-core, pinned: a new release may add rules, and that should be a deliberate bump.
+AXE_VERSION = "4.14.1"
+NPM_TIMEOUT_SECONDS = 300
+# The widths every page must work at: a small phone, and a desktop.
+WIDTHS = (360, 1280)
+SERIOUS = ("serious", "critical")
 
 BROWSER_NAMES = ("chromium", "chromium-browser")
 DRIVER_NAMES = ("chromedriver",)
@@ -70,8 +87,10 @@ def _installed() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-def _apt_install() -> str | None:
-    """Install Debian's chromium + chromium-driver; the reason it failed, or None."""
+def _apt_install(*packages: str) -> str | None:
+    """Install Debian packages (chromium + chromium-driver by default); the reason it
+    failed, or None."""
+    packages = packages or ("chromium", "chromium-driver")
     if not shutil.which("apt-get"):
         return "no apt-get on this system to install Debian's chromium"
     if os.geteuid() != 0:
@@ -79,7 +98,7 @@ def _apt_install() -> str | None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for argv in (
         ["apt-get", "update"],
-        ["apt-get", "install", "-y", "--no-install-recommends", "chromium", "chromium-driver"],
+        ["apt-get", "install", "-y", "--no-install-recommends", *packages],
     ):
         try:
             done = subprocess.run(
@@ -107,6 +126,38 @@ def _ensure_selenium() -> None:
             timeout=PIP_TIMEOUT_SECONDS,
         )
         importlib.invalidate_caches()
+
+
+@pytest.fixture(scope="session")
+def axe_source() -> str:
+    """axe-core's browser bundle, from the npm registry (pinned), cached between runs."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "broker-tests"
+    prefix = cache / f"axe-core-{AXE_VERSION}"
+    bundle = prefix / "node_modules" / "axe-core" / "axe.min.js"
+    if not bundle.is_file():
+        if not shutil.which("npm"):
+            reason = _apt_install("npm")
+            if not shutil.which("npm"):
+                # No skip: without axe the accessibility promise would go unchecked.
+                pytest.fail(f"npm is needed for the axe-core check: {reason}")
+        done = subprocess.run(
+            [
+                "npm",
+                "install",
+                "--prefix",
+                str(prefix),
+                "--no-audit",
+                "--no-fund",
+                "--save-exact",
+                f"axe-core@{AXE_VERSION}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=NPM_TIMEOUT_SECONDS,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    return bundle.read_text()
 
 
 @pytest.fixture(scope="session")
@@ -148,25 +199,99 @@ def driver(
         drv.quit()
 
 
+# Elements wider than the viewport, outside any box that scrolls or clips horizontally
+# (a <pre> that scrolls its own content is fine; the page scrolling sideways is not).
+OVERFLOW_SCRIPT = """
+const width = window.innerWidth;
+const bad = [];
+for (const el of document.body.querySelectorAll("*")) {
+  const box = el.getBoundingClientRect();
+  if (box.width === 0 && box.height === 0) continue;
+  let inside = false;
+  for (let p = el.parentElement; p && p !== document.body; p = p.parentElement) {
+    if (["auto", "scroll", "hidden", "clip"].includes(getComputedStyle(p).overflowX)) {
+      inside = true;
+      break;
+    }
+  }
+  if (inside) continue;
+  if (box.right > width + 0.5 || box.left < -0.5) {
+    bad.push(el.tagName.toLowerCase() + (el.id ? "#" + el.id : "") +
+             (el.className ? "." + String(el.className).replace(/ /g, ".") : "") +
+             " [" + Math.round(box.left) + ", " + Math.round(box.right) + "]");
+  }
+}
+return {scrollWidth: document.documentElement.scrollWidth, innerWidth: width, bad: bad};
+"""
+
+AXE_SCRIPT = """
+const done = arguments[arguments.length - 1];
+axe.run(document, {resultTypes: ["violations"]}).then(
+  (r) => done(r.violations.map((v) => ({
+    id: v.id, impact: v.impact, help: v.help,
+    nodes: v.nodes.map((n) => n.target.join(" ")).slice(0, 5),
+  }))),
+  (e) => done([{id: "axe-error", impact: "critical", help: String(e), nodes: []}]),
+);
+"""
+
+
+def _set_width(driver: Any, width: int) -> None:
+    phone = width < 600
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": 800, "deviceScaleFactor": 1, "mobile": phone},
+    )
+
+
+def _full_page_screenshot(driver: Any, path: Path) -> None:
+    import base64
+
+    metrics = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})
+    size = metrics["cssContentSize"]
+    shot = driver.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {
+            "format": "png",
+            "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+        },
+    )
+    path.write_bytes(base64.b64decode(shot["data"]))
+
+
+def check_page(driver: Any, name: str, axe_source: str) -> None:
+    """The page as it is now, at each width: screenshot, no overflow, no serious axe
+    violation. Ends at the desktop width."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for width in WIDTHS:
+        _set_width(driver, width)
+        layout = driver.execute_script(OVERFLOW_SCRIPT)
+        assert layout["innerWidth"] == width, layout
+        assert layout["scrollWidth"] <= layout["innerWidth"], (name, width, layout)
+        assert layout["bad"] == [], (name, width, layout["bad"])
+        shot = ARTIFACTS / f"{name}-{width}.png"
+        _full_page_screenshot(driver, shot)
+        assert shot.stat().st_size > 5_000
+        driver.execute_script(axe_source)
+        violations = driver.execute_async_script(AXE_SCRIPT)
+        serious = [v for v in violations if v["impact"] in SERIOUS]
+        assert serious == [], (name, width, serious)
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def _demo(name: str) -> str:
+    return next(str(u["sub"]) for u in DEMO_USERS if str(u["sub"]).split("@")[0] == name)
+
+
 def _alice() -> str:
-    return next(str(u["sub"]) for u in DEMO_USERS if str(u["sub"]).split("@")[0] == "alice")
+    return _demo("alice")
 
 
-def test_sign_in_to_credentials_in_chromium(driver: Any, broker: LiveBroker) -> None:
+def _sign_in_at_provider(driver: Any, sub: str) -> None:
+    """Pick ``sub`` on the local OIDC provider's sign-in page."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(driver, WAIT_SECONDS)
-
-    # 1. The broker's sign-in page lists the provider.
-    driver.get(f"{broker.url}/login")
-    assert driver.title.startswith("Sign in")
-    driver.find_element(By.ID, "provider-demo").click()
-
-    # 2. The local provider's sign-in form: sign in as alice.
-    wait.until(ec.url_contains(broker.stack.oidc.url))
-    sub = _alice()
     buttons = driver.find_elements(By.CSS_SELECTOR, f'button[name="sub"][value="{sub}"]')
     if buttons:
         buttons[0].click()
@@ -175,15 +300,47 @@ def test_sign_in_to_credentials_in_chromium(driver: Any, broker: LiveBroker) -> 
         field.send_keys(sub)
         field.submit()
 
+
+def test_sign_in_to_credentials_in_chromium(
+    driver: Any, broker: LiveBroker, axe_source: str
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, WAIT_SECONDS)
+
+    # 0. A page that does not exist is an HTML page for a browser.
+    driver.get(f"{broker.url}/no/such/page")
+    assert driver.find_element(By.ID, "error-code").text == "not_found"
+    check_page(driver, "not-found", axe_source)
+
+    # 1. The broker's sign-in page lists the provider.
+    driver.get(f"{broker.url}/login")
+    assert driver.title.startswith("Sign in")
+    check_page(driver, "login-page", axe_source)
+    driver.find_element(By.ID, "provider-demo").click()
+
+    # 2. The local provider's sign-in form: sign in as alice.
+    wait.until(ec.url_contains(broker.stack.oidc.url))
+    sub = _alice()
+    _sign_in_at_provider(driver, sub)
+
     # 3. Back at the broker, signed in: who we are and the roles.
     wait.until(ec.url_to_be(f"{broker.url}/"))
     assert driver.find_element(By.ID, "subject").text == sub
     role_buttons = driver.find_elements(By.NAME, "get-credentials")
     assert len(role_buttons) == 2
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(ARTIFACTS / "home-page.png"))
+    check_page(driver, "home-page", axe_source)
     # The first role row is the admin role (rule order).
     assert ADMIN_ROLE in driver.find_element(By.CSS_SELECTOR, "code.role").text
+
+    # The role picker, then back home to pick with a button.
+    driver.get(f"{broker.url}/credentials")
+    wait.until(ec.presence_of_element_located((By.ID, "role_arn")))
+    check_page(driver, "choose-role", axe_source)
+    driver.get(f"{broker.url}/")
+    role_buttons = wait.until(lambda d: d.find_elements(By.NAME, "get-credentials"))
     role_buttons[0].click()
 
     # 4. The credentials page: keys, snippets, a running countdown (our script ran).
@@ -191,6 +348,19 @@ def test_sign_in_to_credentials_in_chromium(driver: Any, broker: LiveBroker) -> 
     assert access_key.startswith(("ASIA", "AKIA"))
     assert f"export AWS_ACCESS_KEY_ID={access_key}" in driver.find_element(By.ID, "snippet-sh").text
     wait.until(lambda d: "left" in d.find_element(By.ID, "countdown").text)
+    # The ticking text is not a live region; the polite status is another element.
+    assert driver.find_element(By.ID, "countdown").get_attribute("aria-live") == "off"
+    assert driver.find_element(By.ID, "countdown-status").get_attribute("role") == "status"
+    # The expiry shows its time zone (toLocaleString with timeStyle "long").
+    expires = driver.find_element(By.ID, "expiration").text
+    assert any(zone in expires for zone in ("UTC", "GMT")), expires
+    # Six copy buttons, each with its own accessible name.
+    labels = [
+        b.get_attribute("aria-label") for b in driver.find_elements(By.CSS_SELECTOR, "button.copy")
+    ]
+    assert len(labels) == len(set(labels)) == 6, labels
+    assert "Copy access key id" in labels
+    check_page(driver, "credentials-page", axe_source)
 
     # The copy button puts the key on the clipboard.
     driver.execute_cdp_cmd(
@@ -238,3 +408,19 @@ def test_sign_in_to_credentials_in_chromium(driver: Any, broker: LiveBroker) -> 
     wait.until(ec.presence_of_element_located((By.ID, "signed-out")))
     driver.get(f"{broker.url}/")
     wait.until(ec.url_contains("/login"))
+
+    # 7. mallory, whose address the provider never verified, is told why on her roles
+    # page and on the refusal page, both usable on a phone.
+    driver.find_element(By.ID, "provider-demo").click()
+    wait.until(ec.url_contains(broker.stack.oidc.url))
+    _sign_in_at_provider(driver, _demo("mallory"))
+    wait.until(ec.url_to_be(f"{broker.url}/"))
+    why = "your e-mail address is not verified at Demo OpenID Connect provider"
+    assert why in driver.find_element(By.ID, "no-roles").text
+    check_page(driver, "denied-home", axe_source)
+    driver.get(f"{broker.url}/credentials")
+    assert why in driver.find_element(By.ID, "no-roles").text
+
+    logs = driver.get_log("browser")
+    violations = [e["message"] for e in logs if "Content Security Policy" in e["message"]]
+    assert not violations, violations

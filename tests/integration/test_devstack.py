@@ -120,8 +120,32 @@ def test_demo_login_gets_working_credentials_from_each_provider(
 def test_demo_login_refuses_a_user_no_rule_admits(
     dev: tuple[subprocess.Popen[str], Path],
 ) -> None:
-    with pytest.raises(RuntimeError, match=r"403.*no_matching_rule"):
+    with pytest.raises(RuntimeError, match=r"403.*no_matching_rule.*not verified at Demo"):
         demo_login(user="mallory", workdir=str(dev[1]))
+
+
+def test_broker_explain_reads_the_config_the_dev_stack_wrote(
+    dev: tuple[subprocess.Popen[str], Path], tmp_path: Path
+) -> None:
+    state = _state(dev[1])
+    claims = tmp_path / "bob.json"
+    claims.write_text(
+        json.dumps({"sub": "bob", "email": "bob@example.com", "email_verified": True})
+    )
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "broker.cli", "explain", "--config", state["config_file"]),
+            *("--provider", "demo", "--claims", str(claims), "--json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert (answer["rule"], answer["role_arn"]) == ("example-users", USER_ROLE)
+    assert f"users/{answer['identity_id']}/*" in json.dumps(answer["session_policy"])
 
 
 def test_demo_login_console_returns_a_signin_url_at_the_local_federation_endpoint(

@@ -341,14 +341,18 @@ def test_identity_without_a_rule_sees_why(web: WebClient) -> None:
     home = web.get("/")
     assert home.status_code == 200
     assert 'id="no-roles"' in home.text
+    why = "your e-mail address is not verified at Demo OpenID Connect provider"
+    assert why in home.text
     r = web.post("/credentials", data={"csrf_token": web.csrf()})
     assert_html_error(r, 403, "no_matching_rule")
+    assert f'<p class="error" id="error-message">{why}</p>' in r.text
 
 
 def test_role_not_allowed_is_a_403_page(web: WebClient) -> None:
     web.login("bob")
     r = web.post("/credentials", data={"csrf_token": web.csrf(), "role_arn": ADMIN_ROLE})
     assert_html_error(r, 403, "role_not_allowed")
+    assert f"it may choose: {USER_ROLE}" in r.text  # the roles bob may pick instead
 
 
 def test_session_json(web: WebClient) -> None:

@@ -621,3 +621,144 @@ def test_check_config_reports_every_problem_with_its_key(
     err = capsys.readouterr().err
     for key in ("server.public_url", "server.surprise", "cache.local_seconds", "security."):
         assert key in err
+
+
+# --------------------------------------------------------------------------- helpful messages
+
+SUGGESTIONS: list[tuple[str, Mutation, str]] = [
+    (
+        "section",
+        lambda c: c.update(servr={"log_level": "info"}),
+        "servr: unknown key (did you mean 'server'?)",
+    ),
+    (
+        "key",
+        lambda c: c.update(redis={"urll": "redis://x:1/0"}),
+        "redis.urll: unknown key (did you mean 'url'?)",
+    ),
+    (
+        "provider key",
+        lambda c: c["providers"]["corp"].update(isuer="https://x.example"),
+        "providers.corp.isuer: unknown key (did you mean 'issuer'?)",
+    ),
+    (
+        "rule key",
+        lambda c: rule0(c).update(require_mfaa=True),
+        "rules[0].require_mfaa: unknown key (did you mean 'require_mfa'?) (in rule 'r')",
+    ),
+    (
+        "condition key",
+        lambda c: rule0(c)["conditions"][0].update(vlaue="x"),
+        "rules[0].conditions[0].vlaue: unknown key (did you mean 'value'?) (in rule 'r')",
+    ),
+    ("nothing close", lambda c: c.update(zzzz=1), "zzzz: unknown key"),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutation", "expected"), [row[1:] for row in SUGGESTIONS], ids=[row[0] for row in SUGGESTIONS]
+)
+def test_unknown_keys_suggest_the_closest_known_key(mutation: Mutation, expected: str) -> None:
+    assert expected in problems(config(mutation))
+
+
+def test_rule_problems_name_the_rule() -> None:
+    raw = config(
+        lambda c: rule0(c).update(roles=["Dev"]),
+        lambda c: c["rules"].append(
+            {"name": "payroll", "providers": ["corp"], "conditions": [], "roles": [DEV]}
+        ),
+    )
+    found = problems(raw)
+    assert "rules[0].roles: 'Dev' is not an IAM role ARN (in rule 'r')" in found
+    assert any(
+        p.startswith("rules[1].conditions:") and p.endswith("(in rule 'payroll')") for p in found
+    ), found
+
+
+def test_two_rules_with_one_name_are_refused() -> None:
+    found = problems(config(lambda c: c["rules"].append(dict(rule0(c)))))
+    assert found == ["rules: more than one rule is named 'r'"]
+
+
+ENV_NAMED: list[tuple[dict[str, str], str]] = [
+    (
+        {"BROKER_SERVR__LOG_LEVEL": "debug"},
+        "servr: unknown key (did you mean 'server'?) (from BROKER_SERVR__LOG_LEVEL)",
+    ),
+    (
+        {"BROKER_SERVER__LOG_LEVEL": "loud"},
+        "server.log_level: must be debug, info, warning or error (from BROKER_SERVER__LOG_LEVEL)",
+    ),
+    (
+        {"BROKER_STS__MAX_ATTEMPTS": "many"},
+        "sts.max_attempts: must be an integer, got str (from BROKER_STS__MAX_ATTEMPTS)",
+    ),
+    ({"BROKER_REDIS__COLOUR": "red"}, "redis.colour: unknown key (from BROKER_REDIS__COLOUR)"),
+]
+
+
+@pytest.mark.parametrize(("env", "expected"), ENV_NAMED)
+def test_problems_from_environment_variables_name_the_variable(
+    env: dict[str, str], expected: str
+) -> None:
+    assert expected in problems(config(), env)
+
+
+def test_a_file_problem_names_no_variable() -> None:
+    found = problems(config(lambda c: c.update(server={"log_level": "loud"})), {})
+    assert found == ["server.log_level: must be debug, info, warning or error"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "BROKER_VENV",
+        "BROKER_CONFIG",
+        "BROKER_SOMETHING_ELSE",
+        "BROKER_",
+        "BROKER_X_Y",
+        "BROKER_URL",
+    ],
+)
+def test_broker_variables_that_are_not_overrides_never_break_loading(name: str) -> None:
+    assert load(config(), {name: "/work/venvs/x"}).redis.url == "redis://127.0.0.1:6379/0"
+
+
+def test_admin_and_explain_denials_settings() -> None:
+    default = load(config())
+    assert default.admin.token is None
+    assert default.server.explain_denials is True
+    token = "t" * 40
+    loaded = load(
+        config(lambda c: c.update(admin={"token": token}, server={"explain_denials": False}))
+    )
+    assert loaded.admin.token == token
+    assert loaded.server.explain_denials is False
+    assert token not in repr(loaded)
+
+
+@pytest.mark.parametrize(
+    ("admin", "needle"),
+    [
+        ({"token": "short"}, "admin.token: must be at least 32 characters"),
+        ({"token": 5}, "admin.token: must be a string"),
+        ({"tokn": "t" * 40}, "admin.tokn: unknown key (did you mean 'token'?)"),
+    ],
+)
+def test_admin_token_mistakes(admin: dict[str, Any], needle: str) -> None:
+    found = problems(config(lambda c: c.update(admin=admin)))
+    assert any(p.startswith(needle) for p in found), found
+
+
+@pytest.mark.parametrize("form", ["flag", "positional"])
+def test_check_config_takes_config_like_the_other_commands(
+    form: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from broker.cli import main
+
+    bad = tmp_path / "broker.toml"
+    bad.write_text("[servr]\nlog_level = 'info'\n")
+    argv = ["check-config", "--config", str(bad)] if form == "flag" else ["check-config", str(bad)]
+    assert main(argv) == 1
+    assert "servr: unknown key (did you mean 'server'?)" in capsys.readouterr().err
