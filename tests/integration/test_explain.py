@@ -188,6 +188,7 @@ def test_a_refused_person_is_told_why(plain: Counted) -> None:
         "error": "no_matching_rule",
         "message": UNVERIFIED,
         "reasons": [UNVERIFIED],
+        "request_id": response.headers["X-Request-Id"],
     }
 
 
@@ -207,6 +208,7 @@ def test_explain_denials_off_keeps_the_rules_private(stack: Stack, real_sts: Bot
     assert response.json() == {
         "error": "no_matching_rule",
         "message": f"no role rule matches this identity from provider {DEV_PROVIDER!r}",
+        "request_id": response.headers["X-Request-Id"],
     }
 
 

@@ -95,7 +95,8 @@ def assert_broker_error(
     assert cache_control == "no-store"
     body = json.loads(text)
     assert isinstance(body, dict)
-    assert set(body) == {"error", "message"}, body
+    # request_id: every error names its request (broker.web.request_id).
+    assert set(body) == {"error", "message", "request_id"}, body
     assert isinstance(body["error"], str)
     assert body["error"]
     assert isinstance(body["message"], str)
