@@ -117,14 +117,14 @@ def _broker_error(exc: BrokerError) -> Response:
     if _is_json_route():
         return json_errors.broker_error(exc)
     json_errors.report(exc)
-    return _error_page(exc.status, exc.code, exc.message, exc=exc)
+    return error_page(exc.status, exc.code, exc.message, exc=exc)
 
 
 @blueprint.errorhandler(HTTPException)
 def _http_error(exc: HTTPException) -> Response:
     if _is_json_route():
         return json_errors.http_error(exc)
-    return _error_page(exc.code or 500, "http_error", (exc.description or exc.name).rstrip("."))
+    return error_page(exc.code or 500, "http_error", (exc.description or exc.name).rstrip("."))
 
 
 @blueprint.errorhandler(Exception)
@@ -132,12 +132,10 @@ def _unexpected(exc: Exception) -> Response:
     if _is_json_route():
         return json_errors.unexpected(exc)
     log.exception("unhandled error in the web sign-in")
-    return _error_page(500, "internal_error", "internal error")
+    return error_page(500, "internal_error", "internal error")
 
 
-def _error_page(
-    status: int, code: str, message: str, *, exc: BrokerError | None = None
-) -> Response:
+def error_page(status: int, code: str, message: str, *, exc: BrokerError | None = None) -> Response:
     ws: WebSession | None = None
     # The error may be Redis itself: the page renders without a session then, and does
     # not make the person wait for a second Redis timeout to find that out.
@@ -175,7 +173,7 @@ def _current_path() -> str:
     return safe_next(request.full_path.rstrip("?"))
 
 
-def _identity_view(ws: WebSession) -> dict[str, Any]:
+def identity_view(ws: WebSession) -> dict[str, Any]:
     sso = web_sso()
     now = sso.clock()
     return {
@@ -242,7 +240,7 @@ def login_page() -> Response:
             "login.html",
             providers=providers,
             ws=ws,
-            identity=_identity_view(ws) if ws is not None else None,
+            identity=identity_view(ws) if ws is not None else None,
             ended=session_ended(),
             signed_out=request.args.get("signed_out") == "1",
         )
@@ -368,7 +366,7 @@ def home() -> Response:
         render_template(
             "home.html",
             ws=ws,
-            identity=_identity_view(ws),
+            identity=identity_view(ws),
             roles=roles,
             denied=denied,
             console=_console_available(),
@@ -387,7 +385,7 @@ def credentials_form() -> Response:
         render_template(
             "choose_role.html",
             ws=ws,
-            identity=_identity_view(ws),
+            identity=identity_view(ws),
             roles=roles,
             denied=denied,
             selected=request.args.get("role_arn"),
@@ -413,7 +411,7 @@ def credentials_page() -> Response:
         render_template(
             "credentials.html",
             ws=ws,
-            identity=_identity_view(ws),
+            identity=identity_view(ws),
             issued=issued_json(issued),
             snippets=snippets(issued, sts_endpoint=services.settings.sts.endpoint_url),
             console=_console_available(),
@@ -431,7 +429,7 @@ def session_json() -> Response:
     if ws is None:
         raise errors.Unauthenticated("no session; sign in at /login")
     roles, denied = _roles(ws)
-    view = _identity_view(ws)
+    view = identity_view(ws)
     return jsonify(
         {
             "identity_id": view["identity_id"],
