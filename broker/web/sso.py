@@ -413,7 +413,12 @@ def credentials_page() -> Response:
             ws=ws,
             identity=identity_view(ws),
             issued=issued_json(issued),
-            snippets=snippets(issued, sts_endpoint=services.settings.sts.endpoint_url),
+            snippets=snippets(
+                issued,
+                region=services.settings.sts.region,
+                broker_url=services.settings.server.public_url,
+                sts_endpoint=services.settings.sts.endpoint_url,
+            ),
             console=_console_available(),
             console_endpoint=CONSOLE_ENDPOINT,
         )
@@ -475,8 +480,15 @@ def _is_loopback(url: str) -> bool:
     return host in {"localhost", "127.0.0.1", "::1"}
 
 
-def snippets(issued: Issued, *, sts_endpoint: str | None = None) -> Mapping[str, str]:
-    """Ready-to-paste text for sh, PowerShell and ``~/.aws/credentials``.
+def snippets(
+    issued: Issued,
+    *,
+    region: str,
+    broker_url: str,
+    sts_endpoint: str | None = None,
+) -> Mapping[str, str]:
+    """Ready-to-paste text for sh, PowerShell, an ``~/.aws/config`` profile, and the
+    ``broker`` CLI way (credentials the AWS tools renew by themselves).
 
     Values are quoted for their shell even though AWS keys are plain base64: the page
     must never produce a command that does something other than set a variable.
@@ -486,6 +498,8 @@ def snippets(issued: Issued, *, sts_endpoint: str | None = None) -> Mapping[str,
         ("AWS_ACCESS_KEY_ID", c.access_key_id),
         ("AWS_SECRET_ACCESS_KEY", c.secret_access_key),
         ("AWS_SESSION_TOKEN", c.session_token),
+        # Without a region the AWS CLI and SDKs refuse most calls: name the broker's.
+        ("AWS_REGION", region),
     ]
     # The dev stack's STS is moto on localhost: credentials only work against it, so
     # say so in the snippets. Never for a real endpoint (it would redirect every service).
@@ -493,15 +507,41 @@ def snippets(issued: Issued, *, sts_endpoint: str | None = None) -> Mapping[str,
     sh = [f"export {k}={shlex.quote(v)}" for k, v in pairs]
     ps = [f"$Env:{k} = '{v.replace(chr(39), chr(39) * 2)}'" for k, v in pairs]
     profile_name = _profile_name(issued.grant.role_arn)
+    # ~/.aws/config, not ~/.aws/credentials: only the config file holds region (and
+    # endpoint_url), and it accepts static keys too.
     profile = [
-        f"[{profile_name}]",
+        f"[profile {profile_name}]",
         f"aws_access_key_id = {c.access_key_id}",
         f"aws_secret_access_key = {c.secret_access_key}",
         f"aws_session_token = {c.session_token}",
+        f"region = {region}",
     ]
     if endpoint:
         sh.append(f"export AWS_ENDPOINT_URL={shlex.quote(endpoint)}  # dev stack only")
         ps.append(f"$Env:AWS_ENDPOINT_URL = '{endpoint}'  # dev stack only")
-        # endpoint_url is a ~/.aws/config setting; the credentials file ignores it.
-        profile.append(f"# ~/.aws/config, [profile {profile_name}]: endpoint_url = {endpoint}")
-    return {"sh": "\n".join(sh), "powershell": "\n".join(ps), "profile": "\n".join(profile)}
+        profile.append(f"endpoint_url = {endpoint}  # dev stack only")
+    configure = [
+        "broker",
+        "configure",
+        "--profile",
+        profile_name,
+        "--broker",
+        broker_url,
+        "--role-arn",
+        issued.grant.role_arn,
+        "--region",
+        region,
+    ]
+    cli = [
+        "# once per computer: pip install federation-broker",
+        f"broker login --broker {shlex.quote(broker_url)}",
+        shlex.join(configure),
+        f"aws sts get-caller-identity --profile {profile_name}"
+        + (f" --endpoint-url {endpoint}" if endpoint else ""),
+    ]
+    return {
+        "sh": "\n".join(sh),
+        "powershell": "\n".join(ps),
+        "profile": "\n".join(profile),
+        "cli": "\n".join(cli),
+    }
