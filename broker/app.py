@@ -13,6 +13,7 @@ from broker.settings import Settings, load_settings
 from broker.store import request_scope
 from broker.web import (
     api,
+    cli,
     console,
     errors,
     health,
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.register_blueprint(sso.blueprint)
     app.register_blueprint(console.blueprint)
     app.register_blueprint(pages.blueprint)
+    app.register_blueprint(cli.blueprint)
     security_headers.install(app)
     return app
 

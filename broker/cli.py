@@ -1,4 +1,8 @@
-"""The ``broker`` command: serve | dev | check-config | explain | demo-login | keygen."""
+"""The ``broker`` command.
+
+Operators: serve | dev | check-config | explain | demo-login | keygen. People at a terminal:
+login | logout | credential-process | configure | exec (see broker.client).
+"""
 
 from __future__ import annotations
 
@@ -165,6 +169,166 @@ def cmd_keygen(_args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- the AWS tools' side
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from broker.client.session import BrokerClient, broker_url
+
+    return BrokerClient(broker_url(args.broker))
+
+
+def _say(text: str) -> None:
+    # stderr: stdout belongs to the data (credential_process reads it).
+    print(text, file=sys.stderr, flush=True)
+
+
+def _login(args: argparse.Namespace, client: Any) -> Any:
+    import webbrowser
+
+    from broker.client.login import login_device, login_loopback
+
+    if args.device:
+        return login_device(client, provider=args.provider, say=_say)
+
+    def open_browser(url: str) -> bool:
+        return not args.no_browser and webbrowser.open(url)
+
+    return login_loopback(client, provider=args.provider, open_browser=open_browser, say=_say)
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    from broker.client.credentials import forget_cached
+
+    client = _client(args)
+    session = _login(args, client)
+    session.save()
+    forget_cached(client.url)
+    _say(
+        f"Signed in at {client.url} ({session.provider}); the session lasts until "
+        f"{session.expires_at} if unused."
+    )
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    from broker.client.credentials import forget_cached
+    from broker.client.session import BrokerAPIError, CLISession
+
+    client = _client(args)
+    session = CLISession.load(client.url)
+    if session is None:
+        _say(f"not signed in at {client.url}")
+        return 0
+    try:
+        client.call("POST", "/v1/cli/logout", bearer=session.token)
+    except BrokerAPIError as exc:
+        if exc.http_status != 401:
+            raise
+    session.forget()
+    forget_cached(client.url)
+    _say(f"signed out at {client.url}")
+    return 0
+
+
+def _source(args: argparse.Namespace) -> Any:
+    from broker.client.credentials import CredentialSource
+
+    client = _client(args)
+    relogin = (lambda: _login(args, client)) if getattr(args, "login", False) else None
+    return CredentialSource(
+        client, role_arn=args.role_arn, duration_seconds=args.duration, relogin=relogin
+    )
+
+
+def cmd_credential_process(args: argparse.Namespace) -> int:
+    print(json.dumps(_source(args).get()))
+    return 0
+
+
+def cmd_configure(args: argparse.Namespace) -> int:
+    import shutil
+
+    from broker.client.aws_config import config_path, credential_process_line, write_profile
+    from broker.client.session import broker_url
+
+    executable = shutil.which("broker") or os.path.abspath(sys.argv[0])
+    values = {
+        "credential_process": credential_process_line(
+            executable,
+            broker=broker_url(args.broker),
+            role_arn=args.role_arn,
+            duration_seconds=args.duration,
+        ),
+        "region": args.region,
+    }
+    path = config_path()
+    try:
+        changed = write_profile(path, profile=args.profile, values=values)
+    except ValueError as exc:
+        _say(f"configure: {exc}")
+        return 2
+    _say(f"{'wrote' if changed else 'already up to date:'} profile {args.profile!r} in {path}")
+    _say(f"try: aws sts get-caller-identity --profile {args.profile}")
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from broker.client.exec import run
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    return run(_source(args), command, region=args.region)
+
+
+def _add_broker_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", help="the broker's URL (default: $BROKER_URL)")
+
+
+def _add_role_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--role-arn", required=required, help="the role to assume")
+    p.add_argument("--duration", type=int, default=None, help="DurationSeconds")
+
+
+def _add_client_parsers(sub: Any) -> None:
+    p = sub.add_parser("login", help="sign this terminal in at a broker (browser or device code)")
+    _add_broker_arg(p)
+    p.add_argument("--provider", help="go straight to this provider's sign-in")
+    p.add_argument("--device", action="store_true", help="no browser here: use a device code")
+    p.add_argument("--no-browser", action="store_true", help="print the address, open nothing")
+    p.set_defaults(fn=cmd_login)
+
+    p = sub.add_parser("logout", help="end this terminal's broker session")
+    _add_broker_arg(p)
+    p.set_defaults(fn=cmd_logout)
+
+    p = sub.add_parser(
+        "credential-process", help="print credentials for the AWS credential_process setting"
+    )
+    _add_broker_arg(p)
+    _add_role_args(p, required=False)
+    p.add_argument("--login", action="store_true", help="sign in (browser) if the session is gone")
+    p.add_argument("--provider", help="with --login: the provider to sign in with")
+    p.add_argument("--device", action="store_true", help="with --login: use a device code")
+    p.add_argument("--no-browser", action="store_true", help="with --login: open nothing")
+    p.set_defaults(fn=cmd_credential_process)
+
+    p = sub.add_parser("configure", help="write an ~/.aws/config profile that uses the broker")
+    p.add_argument("--profile", required=True)
+    _add_broker_arg(p)
+    _add_role_args(p, required=True)
+    p.add_argument("--region", required=True)
+    p.set_defaults(fn=cmd_configure)
+
+    p = sub.add_parser("exec", help="run a command with self-refreshing AWS credentials")
+    _add_broker_arg(p)
+    _add_role_args(p, required=False)
+    p.add_argument("--region", default=None)
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    p.set_defaults(fn=cmd_exec)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="broker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -232,15 +396,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keygen", help="print fresh random keys for the [security] section")
     p.set_defaults(fn=cmd_keygen)
+    _add_client_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from broker.client.session import CLIError
+
     args = build_parser().parse_args(argv)
     try:
         rc: int = args.fn(args)
     except KeyboardInterrupt:
         return 130
+    except CLIError as exc:
+        print(f"broker {args.command}: {exc.message}", file=sys.stderr)
+        return exc.status
     return rc
 
 

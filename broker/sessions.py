@@ -135,6 +135,14 @@ class WebSession:
             "last_seen": self.last_seen,
         }
 
+    def signed_in(self) -> dict[str, Any]:
+        """Who signed in and the upstream token, without this session's own id, CSRF
+        token or times (see ``SessionStore.create_from``)."""
+        data = self.to_json()
+        for own in ("v", "csrf_token", "created_at", "last_seen"):
+            del data[own]
+        return data
+
     @classmethod
     def from_json(cls, session_id: str, data: Mapping[str, Any]) -> WebSession:
         return cls(
@@ -153,26 +161,41 @@ class WebSession:
 
 
 class SessionStore:
-    """Create, load, save and destroy sessions; timeouts enforced here."""
+    """Create, load, save and destroy sessions; timeouts enforced here.
+
+    Browser sessions and CLI sessions (``broker login``) are the same record under
+    different key namespaces with their own lifetimes: a CLI session id never opens a
+    browser session or the other way round.
+    """
 
     def __init__(
-        self, *, store: Store, settings: WebSettings, clock: Callable[[], float] = time.time
+        self,
+        *,
+        store: Store,
+        idle_seconds: int,
+        absolute_seconds: int,
+        namespace: str = "session",
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
-        self._settings = settings
+        self.idle_seconds = idle_seconds
+        self.absolute_seconds = absolute_seconds
+        self._namespace = namespace
         self._clock = clock
 
     def key(self, session_id: str) -> str:
-        return self._store.key("session", hashlib.sha256(session_id.encode()).hexdigest())
+        return self._store.key(self._namespace, hashlib.sha256(session_id.encode()).hexdigest())
 
     def _ttl(self, ws: WebSession, now: float) -> float:
-        absolute_left = ws.created_at + self._settings.session_absolute_seconds - now
-        return max(1.0, min(float(self._settings.session_idle_seconds), absolute_left))
+        absolute_left = ws.created_at + self.absolute_seconds - now
+        return max(1.0, min(float(self.idle_seconds), absolute_left))
+
+    def expires_at(self, ws: WebSession) -> int:
+        """When the session ends if it is not used again."""
+        return min(ws.created_at + self.absolute_seconds, ws.last_seen + self.idle_seconds)
 
     def create(self, verified: VerifiedToken, *, refresh_token: str | None) -> WebSession:
-        now = int(self._clock())
-        ws = WebSession(
-            session_id=secrets.token_urlsafe(SESSION_ID_BYTES),
+        return self._insert(
             provider=verified.provider,
             subject=verified.subject,
             claims=dict(verified.claims),
@@ -180,9 +203,30 @@ class SessionStore:
             sts_provider_id=verified.sts_provider_id,
             token_expires_at=verified.expires_at,
             refresh_token=refresh_token,
+        )
+
+    def create_from(self, signed_in: Mapping[str, Any]) -> WebSession:
+        """A new session (new id, CSRF token and lifetimes) for the person described by
+        ``signed_in`` (``WebSession.signed_in()`` of another session): how a browser
+        sign-in becomes a CLI session."""
+        return self._insert(
+            provider=str(signed_in["provider"]),
+            subject=str(signed_in["subject"]),
+            claims=dict(signed_in["claims"]),
+            token=str(signed_in["token"]),
+            sts_provider_id=signed_in.get("sts_provider_id"),
+            token_expires_at=int(signed_in["token_expires_at"]),
+            refresh_token=signed_in.get("refresh_token"),
+        )
+
+    def _insert(self, **identity: Any) -> WebSession:
+        now = int(self._clock())
+        ws = WebSession(
+            session_id=secrets.token_urlsafe(SESSION_ID_BYTES),
             csrf_token=secrets.token_urlsafe(32),
             created_at=now,
             last_seen=now,
+            **identity,
         )
         # only_if_new: a collision of 256 random bits would otherwise hand one person
         # another's session; refuse instead.
@@ -207,10 +251,7 @@ class SessionStore:
             self._store.delete(key)
             return None
         now = self._clock()
-        if (
-            now - ws.last_seen > self._settings.session_idle_seconds
-            or now - ws.created_at > self._settings.session_absolute_seconds
-        ):
+        if now - ws.last_seen > self.idle_seconds or now - ws.created_at > self.absolute_seconds:
             self._store.delete(key)
             return None
         if now - ws.last_seen >= TOUCH_INTERVAL_SECONDS:
@@ -242,7 +283,20 @@ class WebSSO:
         self.services = services
         self.settings = services.settings.web
         self.clock = clock
-        self.sessions = SessionStore(store=services.store, settings=self.settings, clock=clock)
+        self.sessions = SessionStore(
+            store=services.store,
+            idle_seconds=self.settings.session_idle_seconds,
+            absolute_seconds=self.settings.session_absolute_seconds,
+            clock=clock,
+        )
+        cli = services.settings.cli
+        self.cli_sessions = SessionStore(
+            store=services.store,
+            idle_seconds=cli.session_idle_seconds,
+            absolute_seconds=cli.session_absolute_seconds,
+            namespace="cli-session",
+            clock=clock,
+        )
         self.flow = OAuthFlow(settings=services.settings, store=services.store, http=services.http)
 
     def identity(self, ws: WebSession) -> Identity:
@@ -259,8 +313,11 @@ class WebSSO:
         )
         return self.services.identity_ids.identify(verified)
 
-    def renew(self, ws: WebSession) -> WebSession:
-        """A session whose upstream token is valid again, or ``ExpiredToken``."""
+    def renew(self, ws: WebSession, *, sessions: SessionStore | None = None) -> WebSession:
+        """A session whose upstream token is valid again, or ``ExpiredToken``.
+
+        ``sessions`` is where ``ws`` lives: the browser sessions unless told otherwise."""
+        sessions = sessions or self.sessions
         expired = errors.ExpiredToken(
             f"your sign-in at {self.display_name(ws.provider)} has expired; sign in again"
         )
@@ -272,7 +329,7 @@ class WebSSO:
         with self.services.store.lock(
             f"session-refresh:{key_digest}", timeout=15, wait=15
         ) as acquired:
-            current = self.sessions.load(ws.session_id)
+            current = sessions.load(ws.session_id)
             if current is None:
                 raise errors.Unauthenticated("your session has ended; sign in again")
             if not current.token_expired(self.clock()):
@@ -291,7 +348,7 @@ class WebSSO:
                 raise expired from None
             if verified.subject != current.subject:
                 # Never let a refresh turn one person's session into another's.
-                self.sessions.destroy(current.session_id)
+                sessions.destroy(current.session_id)
                 raise errors.InvalidToken("the refreshed token is for another account")
             renewed = replace(
                 current,
@@ -301,7 +358,7 @@ class WebSSO:
                 token_expires_at=verified.expires_at,
                 refresh_token=tokens.refresh_token,
             )
-            if not self.sessions.save(renewed):
+            if not sessions.save(renewed):
                 raise errors.Unauthenticated("your session has ended; sign in again")
             log.info("refreshed the upstream token of a %s session", current.provider)
             return renewed

@@ -162,6 +162,20 @@ class WebSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CLISettings:
+    """Sessions of the ``broker`` command line tool (``broker login``): server-side like
+    browser sessions, held by the CLI as a bearer secret."""
+
+    enabled: bool
+    session_idle_seconds: int
+    session_absolute_seconds: int
+    # How long a started loopback or device login may wait for the person's approval.
+    login_ttl_seconds: int
+    # The device flow's polling interval (RFC 8628 section 3.2 ``interval``).
+    device_poll_seconds: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class ConsoleSettings:
     # Overrides the partition's federation endpoint (tests and the dev stack).
     federation_url: str | None
@@ -257,6 +271,7 @@ class Settings:
     identity: IdentitySettings
     rate_limit: RateLimitSettings
     web: WebSettings
+    cli: CLISettings
     console: ConsoleSettings
     providers: Mapping[str, ProviderSettings]
     rules: tuple[RuleSettings, ...]
@@ -618,6 +633,20 @@ def _web(r: _Reader) -> WebSettings:
     return s
 
 
+def _cli(r: _Reader) -> CLISettings:
+    s = CLISettings(
+        enabled=r.flag("enabled", True),
+        session_idle_seconds=r.integer("session_idle_seconds", 86400, lo=300, hi=30 * 86400),
+        session_absolute_seconds=r.integer(
+            "session_absolute_seconds", 7 * 86400, lo=300, hi=90 * 86400
+        ),
+        login_ttl_seconds=r.integer("login_ttl_seconds", 600, lo=60, hi=1800),
+        device_poll_seconds=r.integer("device_poll_seconds", 5, lo=1, hi=60),
+    )
+    r.finish()
+    return s
+
+
 def _console(r: _Reader) -> ConsoleSettings:
     s = ConsoleSettings(
         federation_url=r.opt_url("federation_url"),
@@ -896,6 +925,7 @@ def settings_from_mapping(
         "identity": _identity,
         "rate_limit": _rate_limit,
         "web": _web,
+        "cli": _cli,
         "console": _console,
         "upstream": _upstream,
         "admin": _admin,

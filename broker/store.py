@@ -434,9 +434,20 @@ class Store:
         return int(count)
 
     @_guarded
-    def set_flag(self, key: str, *, ttl: float, only_if_new: bool = False) -> bool:
-        """Set a marker key; with only_if_new, True only for the first caller in the TTL."""
-        return bool(self.client.set(key, b"1", px=_ttl_ms(ttl), nx=only_if_new))
+    def set_flag(
+        self, key: str, *, ttl: float, only_if_new: bool = False, value: str = "1"
+    ) -> bool:
+        """Set a marker key; with only_if_new, True only for the first caller in the TTL.
+        ``value`` is stored in the clear: never a secret."""
+        return bool(self.client.set(key, value.encode(), px=_ttl_ms(ttl), nx=only_if_new))
+
+    @_guarded
+    def get_flag(self, key: str) -> str | None:
+        """The value of a marker key set by ``set_flag``, or None."""
+        raw = self.client.get(key)
+        if raw is None:
+            return None
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     @_guarded
     def take_token(self, key: str, *, capacity: int, refill_seconds: float) -> bool:

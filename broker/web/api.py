@@ -11,8 +11,9 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from broker.errors import BadRequest, NotFound, Unauthenticated
+from broker.errors import BadRequest, InvalidToken, NotFound, Unauthenticated
 from broker.services import Issued, current_services
+from broker.sts import iso_utc
 from broker.web import replay
 from broker.web.security_headers import no_store
 
@@ -103,6 +104,61 @@ def credentials() -> Response:
     )
     replay.remember(issued)
     return jsonify(issued_json(issued))
+
+
+def _container_token() -> str:
+    """The provider token from ``Authorization``, as the AWS SDKs send
+    ``AWS_CONTAINER_AUTHORIZATION_TOKEN`` (the raw value); ``Bearer TOKEN`` works too."""
+    value = request.headers.get("Authorization", "").strip()
+    scheme, _, rest = value.partition(" ")
+    if scheme.lower() == "bearer":
+        value = rest.strip()
+    if not value:
+        raise InvalidToken(
+            "send the provider token in the Authorization header "
+            "(AWS_CONTAINER_AUTHORIZATION_TOKEN or _TOKEN_FILE)"
+        )
+    if len(value) > MAX_TOKEN_CHARS:
+        raise BadRequest("token is too long")
+    return value
+
+
+def _query_duration() -> int | None:
+    raw = request.args.get("duration_seconds")
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or len(raw) > 6:
+        raise BadRequest("duration_seconds must be a whole number of seconds")
+    return int(raw)
+
+
+@blueprint.get("/container-credentials/<provider>")
+def container_credentials(provider: str) -> Response:
+    """The AWS container credentials format (what ECS and EKS Pod Identity serve), so
+    SDKs refresh by themselves from ``AWS_CONTAINER_CREDENTIALS_FULL_URI``."""
+    unknown = sorted(set(request.args) - {"role_arn", "duration_seconds"})
+    if unknown:
+        raise BadRequest(f"unknown query parameter(s): {', '.join(unknown)}")
+    # The caller's own choices are checked before the token costs a verification.
+    duration = _query_duration()
+    token = _container_token()
+    services = current_services()
+    identity = services.identify(provider, token)
+    issued = services.issue(
+        identity, role_arn=request.args.get("role_arn") or None, duration_seconds=duration
+    )
+    return jsonify(container_json(issued))
+
+
+def container_json(issued: Issued) -> dict[str, str]:
+    c = issued.credentials
+    return {
+        "AccessKeyId": c.access_key_id,
+        "SecretAccessKey": c.secret_access_key,
+        "Token": c.session_token,
+        "Expiration": iso_utc(c.expiration),
+        "RoleArn": issued.grant.role_arn,
+    }
 
 
 @blueprint.post("/roles")

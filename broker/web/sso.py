@@ -117,14 +117,14 @@ def _broker_error(exc: BrokerError) -> Response:
     if _is_json_route():
         return json_errors.broker_error(exc)
     json_errors.report(exc)
-    return _error_page(exc.status, exc.code, exc.message, exc=exc)
+    return error_page(exc.status, exc.code, exc.message, exc=exc)
 
 
 @blueprint.errorhandler(HTTPException)
 def _http_error(exc: HTTPException) -> Response:
     if _is_json_route():
         return json_errors.http_error(exc)
-    return _error_page(exc.code or 500, "http_error", (exc.description or exc.name).rstrip("."))
+    return error_page(exc.code or 500, "http_error", (exc.description or exc.name).rstrip("."))
 
 
 @blueprint.errorhandler(Exception)
@@ -132,12 +132,10 @@ def _unexpected(exc: Exception) -> Response:
     if _is_json_route():
         return json_errors.unexpected(exc)
     log.exception("unhandled error in the web sign-in")
-    return _error_page(500, "internal_error", "internal error")
+    return error_page(500, "internal_error", "internal error")
 
 
-def _error_page(
-    status: int, code: str, message: str, *, exc: BrokerError | None = None
-) -> Response:
+def error_page(status: int, code: str, message: str, *, exc: BrokerError | None = None) -> Response:
     ws: WebSession | None = None
     # The error may be Redis itself: the page renders without a session then, and does
     # not make the person wait for a second Redis timeout to find that out.
@@ -175,7 +173,7 @@ def _current_path() -> str:
     return safe_next(request.full_path.rstrip("?"))
 
 
-def _identity_view(ws: WebSession) -> dict[str, Any]:
+def identity_view(ws: WebSession) -> dict[str, Any]:
     sso = web_sso()
     now = sso.clock()
     return {
@@ -242,7 +240,7 @@ def login_page() -> Response:
             "login.html",
             providers=providers,
             ws=ws,
-            identity=_identity_view(ws) if ws is not None else None,
+            identity=identity_view(ws) if ws is not None else None,
             ended=session_ended(),
             signed_out=request.args.get("signed_out") == "1",
         )
@@ -368,7 +366,7 @@ def home() -> Response:
         render_template(
             "home.html",
             ws=ws,
-            identity=_identity_view(ws),
+            identity=identity_view(ws),
             roles=roles,
             denied=denied,
             console=_console_available(),
@@ -387,7 +385,7 @@ def credentials_form() -> Response:
         render_template(
             "choose_role.html",
             ws=ws,
-            identity=_identity_view(ws),
+            identity=identity_view(ws),
             roles=roles,
             denied=denied,
             selected=request.args.get("role_arn"),
@@ -413,9 +411,14 @@ def credentials_page() -> Response:
         render_template(
             "credentials.html",
             ws=ws,
-            identity=_identity_view(ws),
+            identity=identity_view(ws),
             issued=issued_json(issued),
-            snippets=snippets(issued, sts_endpoint=services.settings.sts.endpoint_url),
+            snippets=snippets(
+                issued,
+                region=services.settings.sts.region,
+                broker_url=services.settings.server.public_url,
+                sts_endpoint=services.settings.sts.endpoint_url,
+            ),
             console=_console_available(),
             console_endpoint=CONSOLE_ENDPOINT,
         )
@@ -431,7 +434,7 @@ def session_json() -> Response:
     if ws is None:
         raise errors.Unauthenticated("no session; sign in at /login")
     roles, denied = _roles(ws)
-    view = _identity_view(ws)
+    view = identity_view(ws)
     return jsonify(
         {
             "identity_id": view["identity_id"],
@@ -477,8 +480,15 @@ def _is_loopback(url: str) -> bool:
     return host in {"localhost", "127.0.0.1", "::1"}
 
 
-def snippets(issued: Issued, *, sts_endpoint: str | None = None) -> Mapping[str, str]:
-    """Ready-to-paste text for sh, PowerShell and ``~/.aws/credentials``.
+def snippets(
+    issued: Issued,
+    *,
+    region: str,
+    broker_url: str,
+    sts_endpoint: str | None = None,
+) -> Mapping[str, str]:
+    """Ready-to-paste text for sh, PowerShell, an ``~/.aws/config`` profile, and the
+    ``broker`` CLI way (credentials the AWS tools renew by themselves).
 
     Values are quoted for their shell even though AWS keys are plain base64: the page
     must never produce a command that does something other than set a variable.
@@ -488,6 +498,8 @@ def snippets(issued: Issued, *, sts_endpoint: str | None = None) -> Mapping[str,
         ("AWS_ACCESS_KEY_ID", c.access_key_id),
         ("AWS_SECRET_ACCESS_KEY", c.secret_access_key),
         ("AWS_SESSION_TOKEN", c.session_token),
+        # Without a region the AWS CLI and SDKs refuse most calls: name the broker's.
+        ("AWS_REGION", region),
     ]
     # The dev stack's STS is moto on localhost: credentials only work against it, so
     # say so in the snippets. Never for a real endpoint (it would redirect every service).
@@ -495,15 +507,41 @@ def snippets(issued: Issued, *, sts_endpoint: str | None = None) -> Mapping[str,
     sh = [f"export {k}={shlex.quote(v)}" for k, v in pairs]
     ps = [f"$Env:{k} = '{v.replace(chr(39), chr(39) * 2)}'" for k, v in pairs]
     profile_name = _profile_name(issued.grant.role_arn)
+    # ~/.aws/config, not ~/.aws/credentials: only the config file holds region (and
+    # endpoint_url), and it accepts static keys too.
     profile = [
-        f"[{profile_name}]",
+        f"[profile {profile_name}]",
         f"aws_access_key_id = {c.access_key_id}",
         f"aws_secret_access_key = {c.secret_access_key}",
         f"aws_session_token = {c.session_token}",
+        f"region = {region}",
     ]
     if endpoint:
         sh.append(f"export AWS_ENDPOINT_URL={shlex.quote(endpoint)}  # dev stack only")
         ps.append(f"$Env:AWS_ENDPOINT_URL = '{endpoint}'  # dev stack only")
-        # endpoint_url is a ~/.aws/config setting; the credentials file ignores it.
-        profile.append(f"# ~/.aws/config, [profile {profile_name}]: endpoint_url = {endpoint}")
-    return {"sh": "\n".join(sh), "powershell": "\n".join(ps), "profile": "\n".join(profile)}
+        profile.append(f"endpoint_url = {endpoint}  # dev stack only")
+    configure = [
+        "broker",
+        "configure",
+        "--profile",
+        profile_name,
+        "--broker",
+        broker_url,
+        "--role-arn",
+        issued.grant.role_arn,
+        "--region",
+        region,
+    ]
+    cli = [
+        "# once per computer: pip install federation-broker",
+        f"broker login --broker {shlex.quote(broker_url)}",
+        shlex.join(configure),
+        f"aws sts get-caller-identity --profile {profile_name}"
+        + (f" --endpoint-url {endpoint}" if endpoint else ""),
+    ]
+    return {
+        "sh": "\n".join(sh),
+        "powershell": "\n".join(ps),
+        "profile": "\n".join(profile),
+        "cli": "\n".join(cli),
+    }

@@ -110,7 +110,11 @@ class WebClient:
 
 
 def sessions(broker: LiveBroker) -> SessionStore:
-    return SessionStore(store=broker.services.store, settings=broker.settings.web)
+    return SessionStore(
+        store=broker.services.store,
+        idle_seconds=broker.settings.web.session_idle_seconds,
+        absolute_seconds=broker.settings.web.session_absolute_seconds,
+    )
 
 
 def rewrite_session(broker: LiveBroker, session_id: str, **changes: Any) -> None:

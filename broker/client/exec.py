@@ -1,0 +1,102 @@
+"""``broker exec``: run one command with credentials the AWS SDKs refresh by themselves.
+
+Like ``aws-vault exec``: a loopback HTTP server speaks the AWS container credentials
+format, and the child gets ``AWS_CONTAINER_CREDENTIALS_FULL_URI`` and a random
+``AWS_CONTAINER_AUTHORIZATION_TOKEN``, so only that child (and what it starts) can use
+the server. Every answer comes from the CLI session through the on-disk cache, so a
+long-running child keeps getting fresh credentials.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from broker.client.credentials import CredentialSource
+from broker.client.session import CLIError
+
+# Variables that would make the child's SDK pick other credentials before ours.
+_SHADOWING = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+)
+
+
+def container_answer(process: Mapping[str, Any], role_arn: str | None) -> dict[str, Any]:
+    answer = {
+        "AccessKeyId": process["AccessKeyId"],
+        "SecretAccessKey": process["SecretAccessKey"],
+        "Token": process["SessionToken"],
+        "Expiration": process["Expiration"],
+    }
+    if role_arn:
+        answer["RoleArn"] = role_arn
+    return answer
+
+
+def serve(source: CredentialSource, token: str) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            given = self.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                self._json(401, {"error": "unauthenticated", "message": "wrong token"})
+                return
+            try:
+                process = source.get()
+            except CLIError as exc:
+                print(f"broker exec: {exc.message}", file=sys.stderr)
+                self._json(503, {"error": "unavailable", "message": exc.message})
+                return
+            self._json(200, container_answer(process, source.role_arn()))
+
+        def _json(self, status: int, body: Mapping[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *_args: object, **_kwargs: object) -> None:
+            return
+
+    return ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+
+def run(source: CredentialSource, command: Sequence[str], *, region: str | None) -> int:
+    if not command:
+        raise CLIError("say what to run: broker exec --role-arn ARN -- COMMAND [ARGS...]", status=2)
+    source.get()  # fail now, with the session's message, rather than inside the child
+    token = secrets.token_urlsafe(32)
+    server = serve(source, token)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    env = {k: v for k, v in os.environ.items() if k not in _SHADOWING}
+    env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = f"http://127.0.0.1:{server.server_address[1]}/"
+    env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = token
+    if region:
+        env["AWS_REGION"] = env["AWS_DEFAULT_REGION"] = region
+    try:
+        return subprocess.run(list(command), env=env, check=False).returncode
+    except FileNotFoundError:
+        raise CLIError(f"command not found: {command[0]}", status=127) from None
+    finally:
+        server.shutdown()
+        server.server_close()
