@@ -283,7 +283,7 @@ def test_full_flow_login_roles_credentials_logout(broker: LiveBroker) -> None:
     assert f"export AWS_ACCESS_KEY_ID={access_key}" in page.text
     assert f"$Env:AWS_ACCESS_KEY_ID = &#39;{access_key}&#39;" in page.text
     assert f"aws_access_key_id = {access_key}" in page.text
-    assert "[BrokerDemoAdmin]" in page.text
+    assert "[profile BrokerDemoAdmin]" in page.text  # an ~/.aws/config profile, with region
     assert "data-countdown" in page.text
 
     # The same session, as a JSON client: the cached credentials, and they work.
