@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from broker.devstack.oidc_server import DEMO_USERS
 from broker.devstack.stack import ADMIN_ROLE
@@ -354,11 +355,12 @@ def test_sign_in_to_credentials_in_chromium(
     # The expiry shows its time zone (toLocaleString with timeStyle "long").
     expires = driver.find_element(By.ID, "expiration").text
     assert any(zone in expires for zone in ("UTC", "GMT")), expires
-    # Six copy buttons, each with its own accessible name.
+    # Seven copy buttons (three keys, four snippets), each with its own accessible name.
     labels = [
         b.get_attribute("aria-label") for b in driver.find_elements(By.CSS_SELECTOR, "button.copy")
     ]
-    assert len(labels) == len(set(labels)) == 6, labels
+    assert len(labels) == len(set(labels)) == 7, labels
+    assert "broker configure" in driver.find_element(By.ID, "snippet-cli").text
     assert "Copy access key id" in labels
     check_page(driver, "credentials-page", axe_source)
 
@@ -396,6 +398,24 @@ def test_sign_in_to_credentials_in_chromium(
     caller = wait.until(ec.presence_of_element_located((By.ID, "caller"))).text
     assert "assumed-role/BrokerDemoAdmin/" in caller
     driver.save_screenshot(str(ARTIFACTS / "console-signin.png"))
+
+    # The CLI sign-in pages (broker login): the loopback approval and the device code.
+    challenge = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+    driver.get(
+        f"{broker.url}/cli/authorize?redirect_uri=http%3A%2F%2F127.0.0.1%3A9%2Fcallback"
+        f"&code_challenge={challenge}&code_challenge_method=S256&state=browser-test"
+    )
+    assert driver.find_element(By.ID, "approve").text == "Approve"
+    check_page(driver, "cli-authorize", axe_source)
+    driver.get(f"{broker.url}/device")
+    check_page(driver, "device-entry", axe_source)
+    started = requests.post(f"{broker.url}/v1/cli/device", timeout=WAIT_SECONDS).json()
+    driver.get(started["verification_uri_complete"])
+    assert driver.find_element(By.ID, "user-code").text == started["user_code"]
+    check_page(driver, "device-confirm", axe_source)
+    driver.find_element(By.ID, "approve").click()
+    wait.until(ec.presence_of_element_located((By.ID, "device-done")))
+    check_page(driver, "device-done", axe_source)
     driver.get(f"{broker.url}/")
 
     # Nothing on our pages tripped the Content-Security-Policy.
