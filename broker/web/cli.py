@@ -33,7 +33,6 @@ from flask import (
     request,
     url_for,
 )
-from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from broker import errors
@@ -47,16 +46,14 @@ from broker.cli_auth import (
     format_user_code,
     normalize_user_code,
 )
-from broker.errors import BrokerError
 from broker.identity import Identity
 from broker.safe_redirect import safe_next
 from broker.services import current_services
 from broker.sessions import WebSession, check_csrf, load_session, web_sso
 from broker.sts import iso_utc
-from broker.web import errors as json_errors
 from broker.web.api import issued_json, json_body
 from broker.web.security_headers import no_store
-from broker.web.sso import error_page, identity_view
+from broker.web.sso import identity_view, pages_and_json_errors
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("broker.audit")
@@ -82,10 +79,6 @@ def cli_auth() -> CLIAuth:
     return auth
 
 
-def _is_json_route() -> bool:
-    return request.path.startswith("/v1/")
-
-
 @blueprint.before_request
 def _guard() -> None:
     if not current_services().settings.cli.enabled:
@@ -96,19 +89,7 @@ def _guard() -> None:
 blueprint.after_request(no_store)
 
 
-@blueprint.errorhandler(BrokerError)
-def _broker_error(exc: BrokerError) -> Response:
-    if _is_json_route():
-        return json_errors.broker_error(exc)
-    json_errors.report(exc)
-    return error_page(exc.status, exc.code, exc.message, exc=exc)
-
-
-@blueprint.errorhandler(HTTPException)
-def _http_error(exc: HTTPException) -> Response:
-    if _is_json_route():
-        return json_errors.http_error(exc)
-    return error_page(exc.code or 500, "http_error", (exc.description or exc.name).rstrip("."))
+pages_and_json_errors(blueprint)
 
 
 def _sign_in_first(provider: str | None) -> Response:

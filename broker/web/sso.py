@@ -112,27 +112,35 @@ def _per_ip_limit() -> None:
 blueprint.after_request(no_store)
 
 
-@blueprint.errorhandler(BrokerError)
-def _broker_error(exc: BrokerError) -> Response:
-    if _is_json_route():
-        return json_errors.broker_error(exc)
-    json_errors.report(exc)
-    return error_page(exc.status, exc.code, exc.message, exc=exc)
+def pages_and_json_errors(bp: Blueprint) -> None:
+    """Errors on ``bp``'s browser routes render the HTML error page; on its ``/v1/``
+    routes they keep the broker's JSON shape (the app's handlers). Used by every
+    blueprint that serves people pages."""
+
+    def broker_error(exc: BrokerError) -> Response:
+        if _is_json_route():
+            return json_errors.broker_error(exc)
+        json_errors.report(exc)
+        return error_page(exc.status, exc.code, exc.message, exc=exc)
+
+    def http_error(exc: HTTPException) -> Response:
+        if _is_json_route():
+            return json_errors.http_error(exc)
+        message = (exc.description or exc.name).rstrip(".")
+        return error_page(exc.code or 500, "http_error", message)
+
+    def unexpected(exc: Exception) -> Response:
+        if _is_json_route():
+            return json_errors.unexpected(exc)
+        log.exception("unhandled error on a web page")
+        return error_page(500, "internal_error", "internal error")
+
+    bp.register_error_handler(BrokerError, broker_error)
+    bp.register_error_handler(HTTPException, http_error)
+    bp.register_error_handler(Exception, unexpected)
 
 
-@blueprint.errorhandler(HTTPException)
-def _http_error(exc: HTTPException) -> Response:
-    if _is_json_route():
-        return json_errors.http_error(exc)
-    return error_page(exc.code or 500, "http_error", (exc.description or exc.name).rstrip("."))
-
-
-@blueprint.errorhandler(Exception)
-def _unexpected(exc: Exception) -> Response:
-    if _is_json_route():
-        return json_errors.unexpected(exc)
-    log.exception("unhandled error in the web sign-in")
-    return error_page(500, "internal_error", "internal error")
+pages_and_json_errors(blueprint)
 
 
 def error_page(status: int, code: str, message: str, *, exc: BrokerError | None = None) -> Response:
