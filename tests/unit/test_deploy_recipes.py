@@ -134,6 +134,26 @@ def test_image_is_multi_stage_non_root_and_installs_only_the_locked_runtime_deps
     assert runtime.all("COPY") == ["--from=build /opt/broker /opt/broker"]
 
 
+def test_the_build_context_holds_only_what_the_image_copies() -> None:
+    """.dockerignore allows exactly the sources of the Dockerfile's COPY lines, so keys
+    in deploy/secrets/, virtualenvs and dev-stack state never reach the builder."""
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    copied = {
+        source.rstrip("/")
+        for stage in read_dockerfile()
+        for copy in stage.all("COPY")
+        if not copy.startswith("--from=")
+        for source in copy.split()[:-1]
+    }
+    assert allowed == copied
+
+
 def test_image_is_read_only_root_friendly_and_stops_gracefully() -> None:
     runtime = runtime_stage()
     env = runtime.env()
