@@ -21,6 +21,7 @@ import kubernetes_validate
 import pytest
 import redis
 import yaml
+from compose_spec import PyCompose
 from flask import Flask
 
 from broker.cli import KEY_FILES, build_parser
@@ -30,6 +31,7 @@ from broker.server import GRACEFUL_TIMEOUT_SECONDS
 from broker.settings import settings_from_mapping
 from broker.web import health
 from tests.deploy_files import (
+    COMPOSE,
     DOCKERFILE,
     KUBERNETES,
     ROOT,
@@ -182,6 +184,28 @@ def test_image_healthcheck_asks_healthz_with_python() -> None:
 
 
 # --------------------------------------------------------------------------- compose
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    compose = PyCompose.from_yaml(COMPOSE.read_text())
+    compose.validate()
+    assert compose.name == "federation-broker"
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        (("read_only: true", "read_only: yes please"), "expected a boolean"),
+        (("stop_grace_period: 30s", "stop_grace_period: thirty"), "duration"),
+        (("restart: unless-stopped", "restart: sometimes"), "unknown variant"),
+        (("cap_drop:", "cap_dropp:"), "cap_dropp"),
+    ],
+)
+def test_the_compose_check_catches_a_broken_file(change: tuple[str, str], complaint: str) -> None:
+    text = COMPOSE.read_text()
+    assert change[0] in text
+    with pytest.raises(ValueError, match=complaint):
+        PyCompose.from_yaml(text.replace(change[0], change[1], 1)).validate()
 
 
 def test_compose_runs_the_image_as_the_dockerfile_says() -> None:
