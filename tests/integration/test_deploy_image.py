@@ -2,8 +2,8 @@
 
 - A fresh virtualenv is built as the image builds its own (requirements.lock with
   --require-hashes, then this checkout with --no-deps and no extras: no moto, no OIDC
-  stand-in, no pytest): its `broker serve --help`, `keygen --out` and `check-config`
-  work, and its `broker dev` names the dev extra and exits 2.
+  stand-in, no pytest): its `broker serve --help`, `keygen --out`, `check-config` and
+  `explain` work, and its `broker dev` names the dev extra and exits 2.
 - In that virtualenv, deploy/Dockerfile's ENTRYPOINT + CMD run with the image's ENV,
   outside a container, against a real config (the dev stack's Redis, STS and OIDC
   provider) whose keys are the files `broker keygen --out` wrote. It answers; it is the
@@ -115,18 +115,44 @@ def test_pip_install_without_extras_gives_a_working_cli(prod_venv: Path, tmp_pat
     made = _run(prod_venv, "broker", "keygen", "--out", str(keys))
     assert made.returncode == 0, made.stderr
     assert sorted(p.name for p in keys.iterdir()) == sorted(KEY_FILES)
+    key_env = {
+        "BROKER_SECURITY__IDENTITY_KEY_FILE": str(keys / "broker_identity_key"),
+        "BROKER_SECURITY__ENCRYPTION_KEYS_FILE": str(keys / "broker_encryption_key"),
+    }
     checked = _run(
         prod_venv,
         "broker",
         "check-config",
         str(ROOT / "config" / "oidc.example.toml"),
-        env={
-            "BROKER_SECURITY__IDENTITY_KEY_FILE": str(keys / "broker_identity_key"),
-            "BROKER_SECURITY__ENCRYPTION_KEYS_FILE": str(keys / "broker_encryption_key"),
-        },
+        env=key_env,
     )
     assert checked.returncode == 0, checked.stderr
     assert "oidc.example.toml: OK" in checked.stdout
+    claims = tmp_path / "claims.json"
+    claims.write_text(
+        json.dumps(
+            {
+                "iss": "https://login.example.com",
+                "sub": "u1",
+                "email": "a@example.com",
+                "department": "sre",
+            }
+        )
+    )
+    explained = _run(
+        prod_venv,
+        "broker",
+        "explain",
+        "--config",
+        str(ROOT / "config" / "oidc.example.toml"),
+        "--provider",
+        "corp",
+        "--claims",
+        str(claims),
+        env=key_env,
+    )
+    assert explained.returncode == 0, explained.stderr
+    assert "rule 1 'engineers': MATCH" in explained.stdout
 
     missing = ["moto", "oidc_provider_mock"]
     if shutil.which("redis-server") is None:
