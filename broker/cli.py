@@ -134,7 +134,8 @@ def web_concurrency(environ: Mapping[str, str]) -> int | None:
     text = environ.get("WEB_CONCURRENCY", "").strip()
     if not text:
         return None
-    if not text.isdigit() or not 1 <= int(text) <= 256:
+    # isascii: str.isdigit() also accepts '²' (which int() refuses) and other scripts' digits.
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 256:
         raise ValueError(f"WEB_CONCURRENCY must be a whole number from 1 to 256, got {text!r}")
     return int(text)
 

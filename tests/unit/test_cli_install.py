@@ -200,7 +200,9 @@ def test_broker_dev_without_the_dev_extra_says_what_to_install(
 # --------------------------------------------------------------------------- broker serve
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", "257", "0x2", "2 workers"])
+@pytest.mark.parametrize(
+    "value", ["0", "-1", "two", "1.5", "257", "0x2", "2 workers", "\u00b2", "\u0663", "+2"]
+)
 def test_serve_refuses_a_bad_web_concurrency(value: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="WEB_CONCURRENCY must be a whole number from 1 to 256"):
         web_concurrency({"WEB_CONCURRENCY": value})
@@ -228,6 +230,10 @@ def test_web_concurrency_sets_the_worker_count(environ: dict[str, str], workers:
     assert web_concurrency(environ) == workers
 
 
-def test_gunicorn_gets_the_worker_tmp_dir() -> None:
-    assert gunicorn_options("127.0.0.1:0", 1, 1, "/dev/shm")["worker_tmp_dir"] == "/dev/shm"  # noqa: S108
+def test_gunicorn_gets_the_worker_tmp_dir_and_no_control_socket() -> None:
+    shm = "/dev/shm"  # noqa: S108 - the image's tmpfs, not a temporary file
+    assert gunicorn_options("127.0.0.1:0", 1, 1, shm)["worker_tmp_dir"] == shm
     assert gunicorn_options("127.0.0.1:0", 1, 1)["worker_tmp_dir"] is None
+    # The installed gunicorn (>= 25.1) has a control socket; it must be off (a write to
+    # ~/.gunicorn, shared by every gunicorn of the user).
+    assert gunicorn_options("127.0.0.1:0", 1, 1)["control_socket_disable"] is True
