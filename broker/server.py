@@ -43,6 +43,7 @@ from flask import Flask
 from gunicorn import glogging
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
+from gunicorn.config import KNOWN_SETTINGS
 from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import ThreadWorker as GThreadWorker
 from werkzeug.exceptions import BadRequest
@@ -331,8 +332,16 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         return create_app(self._settings)
 
 
-def gunicorn_options(bind: str, workers: int | None, threads: int) -> dict[str, Any]:
-    return {
+# After SIGTERM, workers get this long to finish the requests they hold before they are
+# killed. Orchestrators must wait longer than this before SIGKILL (deploy/:
+# terminationGracePeriodSeconds, TimeoutStopSec, stop_grace_period).
+GRACEFUL_TIMEOUT_SECONDS = 20
+
+
+def gunicorn_options(
+    bind: str, workers: int | None, threads: int, worker_tmp_dir: str | None = None
+) -> dict[str, Any]:
+    options: dict[str, Any] = {
         "bind": bind,
         "workers": workers or 2 * multiprocessing.cpu_count(),
         # Threads, because nearly all time is spent waiting on STS, the IdP or Redis.
@@ -340,13 +349,30 @@ def gunicorn_options(bind: str, workers: int | None, threads: int) -> dict[str, 
         "threads": threads,
         # Upstream budgets (settings: upstream.budget_seconds) are validated against it.
         "timeout": WORKER_TIMEOUT_SECONDS,
-        "graceful_timeout": 20,
+        "graceful_timeout": GRACEFUL_TIMEOUT_SECONDS,
         "keepalive": 5,
         "accesslog": None,  # the app logs audit events; JsonLogger if switched on
         "errorlog": "-",
         "logger_class": "broker.server.JsonLogger",
+        # Heartbeat files; None is gunicorn's default ($TMPDIR or /tmp). With a read-only
+        # root filesystem it must be a tmpfs: /dev/shm also keeps heartbeats off disk.
+        "worker_tmp_dir": worker_tmp_dir,
     }
+    if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS):
+        # gunicorn >= 25.1 opens a control socket by default in $XDG_RUNTIME_DIR or
+        # ~/.gunicorn: a write outside /tmp (fails on a read-only root), one path shared
+        # by every gunicorn of the user, and a second door to resize or stop the server.
+        # The broker is managed with signals only.
+        options["control_socket_disable"] = True
+    return options
 
 
-def serve(settings: Settings, *, bind: str, workers: int | None, threads: int) -> None:
-    _Gunicorn(settings, gunicorn_options(bind, workers, threads)).run()
+def serve(
+    settings: Settings,
+    *,
+    bind: str,
+    workers: int | None,
+    threads: int,
+    worker_tmp_dir: str | None = None,
+) -> None:
+    _Gunicorn(settings, gunicorn_options(bind, workers, threads, worker_tmp_dir)).run()
