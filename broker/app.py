@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from broker import metrics
 from broker.services import EXTENSION_KEY, Services
 from broker.settings import Settings, load_settings
 from broker.store import request_scope
@@ -36,6 +37,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     app = Flask("broker")
     app.config.update(MAX_CONTENT_LENGTH=settings.server.max_body_bytes)
+    # First hook of all, so every request that reaches Flask has its route noted.
+    app.before_request(metrics.note_route)
     # Inside ProxyFix (below), so a replay sees the client address the proxy reported.
     app.wsgi_app = replay.ReplayMiddleware(app.wsgi_app, services)  # type: ignore[method-assign]
     # Outside the replay, whose rate-limit checks talk to Redis too.
@@ -49,6 +52,9 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
             x_proto=settings.server.trusted_proxies,
             x_host=settings.server.trusted_proxies,
         )
+    # Outside everything but the request ids: counts every request, replays and
+    # ProxyFix'd ones included (RequestIdMiddleware never answers by itself).
+    app.wsgi_app = metrics.RequestMetrics(app.wsgi_app)  # type: ignore[method-assign]
     # Outermost, so the replay middleware's answers and every log line carry the id.
     app.wsgi_app = request_id.RequestIdMiddleware(app.wsgi_app)  # type: ignore[method-assign]
     app.extensions[EXTENSION_KEY] = services

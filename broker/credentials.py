@@ -25,6 +25,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from broker import metrics
 from broker.errors import DependencyUnavailable, StoreUnavailable
 from broker.identity import Identity
 from broker.memo import ExpiringCache
@@ -65,16 +66,24 @@ class CredentialService:
 
     def get(self, identity: Identity, grant: Grant) -> IssuedCredentials:
         if not self._settings.enabled:
+            metrics.cache_result("disabled")
             return self._assume(identity, grant)
 
         digest = self._digest(identity.identity_id, grant)
         key = self._store.key("creds", digest)
+        cached = self._local.get(key)
+        if cached is not None:
+            metrics.cache_result("memory")
+            return cached
         cached = self._cached(key)
+        metrics.cache_result("miss" if cached is None else "redis")
         if cached is not None:
             return cached
 
-        deadline = time.monotonic() + self._settings.lock_wait_seconds
+        started = time.monotonic()
+        deadline = started + self._settings.lock_wait_seconds
         poll = _POLL_FIRST_SECONDS
+        waited = False  # counted as a singleflight wait once it lost the lock a first time
         while True:
             # One non-blocking attempt per round: while another process holds the lock,
             # watching the cache returns as soon as the leader fills it, rather than
@@ -85,15 +94,21 @@ class CredentialService:
                 if leader:
                     # The previous leader may have filled the cache just before we won.
                     cached = self._cached(key)
+                    if waited:
+                        outcome = "took_over" if cached is None else "filled"
+                        metrics.singleflight_wait(outcome, time.monotonic() - started)
                     if cached is not None:
                         return cached
                     issued = self._assume(identity, grant)
                     self._put(key, identity.identity_id, issued)
                     return issued
+            waited = True
             cached = self._cached(key)
             if cached is not None:
+                metrics.singleflight_wait("filled", time.monotonic() - started)
                 return cached
             if time.monotonic() >= deadline:
+                metrics.singleflight_wait("timeout", time.monotonic() - started)
                 # The leader is still waiting on STS. Calling STS as well would defeat
                 # the point of singleflight exactly when STS is struggling.
                 raise DependencyUnavailable(

@@ -47,6 +47,7 @@ import urllib3.connectionpool
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
+from broker import metrics
 from broker.errors import (
     BrokerError,
     DependencyUnavailable,
@@ -209,6 +210,7 @@ class Http:
         finally:
             _deadline.reset(token)
 
+    @metrics.upstream_call
     def request_json(
         self,
         method: str,
@@ -459,6 +461,15 @@ class SingleFlight(Generic[T]):
     def retry_in(self) -> float:
         """Seconds until the upstream may be asked again (0 when it may be now)."""
         return max(0.0, self._retry_at - self._clock())
+
+    @property
+    def last_error(self) -> BrokerError | None:
+        """Why the last fetch failed; None once one has succeeded (or none has run)."""
+        return self._last_error
+
+    @property
+    def in_flight(self) -> bool:
+        return self._flight is not None
 
     def run(self, work: Callable[[], T], *, wait: float = FOLLOWER_WAIT_SECONDS) -> T | Skipped:
         with self._lock:

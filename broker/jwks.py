@@ -33,12 +33,12 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import jwt
 
-from broker import errors
+from broker import errors, metrics
 from broker.http import (
     BACKOFF_ERRORS,
     FAILED_FETCH_BACKOFF_SECONDS,
@@ -87,6 +87,27 @@ def url_digest(url: str) -> str:
 
 
 @dataclass(frozen=True)
+class DocumentState:
+    """What a process knows about a provider's key material, for ``/readyz``:
+
+    * ``ok``: a copy is in use and the last fetch (if any) succeeded;
+    * ``stale``: the last refetch failed, the last good copy is still in use;
+    * ``unavailable``: no copy at all and the last fetch failed;
+    * ``pending``: not fetched yet (by this process or, through Redis, any other).
+    """
+
+    state: Literal["ok", "stale", "unavailable", "pending"]
+    detail: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return self.state != "unavailable"
+
+    def describe(self) -> str:
+        return f"{self.state}: {self.detail}" if self.detail else self.state
+
+
+@dataclass(frozen=True)
 class _Snapshot(Generic[T]):
     value: T
     # Wall-clock time the IdP served it: compared across processes through Redis, so
@@ -130,6 +151,7 @@ class RemoteDocument(Generic[T]):
         self._host = urlsplit(url).netloc
         self._clock = clock
         self._lock = threading.Lock()  # guards the snapshot swap only; never held for I/O
+        self._warming = threading.Lock()  # held while a background fetch thread runs
         self._snapshot: _Snapshot[T] | None = None
         self._flight: SingleFlight[_Snapshot[T]] = SingleFlight(
             what=f"{what} ({self._host})", backoff_seconds=failure_backoff_seconds, clock=clock
@@ -141,6 +163,11 @@ class RemoteDocument(Generic[T]):
         if snapshot is not None and self._clock() < snapshot.usable_until:
             return snapshot.value
         return self._load(force=False).value
+
+    def peek(self) -> T | None:
+        """The copy in use, however old, without fetching anything; None if none."""
+        snapshot = self._snapshot
+        return None if snapshot is None else snapshot.value
 
     def refresh(self) -> T:
         """Fetch now, whatever the cache says (the caller rate-limits this).
@@ -156,6 +183,50 @@ class RemoteDocument(Generic[T]):
         if shared is None:
             return None
         return self._adopt(shared).value
+
+    def state(self, *, read_shared: bool = True) -> DocumentState:
+        """What this process knows, without any HTTP request (see ``DocumentState``).
+        With ``read_shared``, a process with no copy yet looks for one in Redis."""
+        snapshot = self._snapshot
+        # Set by a failed fetch, cleared by the next successful one.
+        failed = self._flight.last_error
+        # Only a read, never an adoption: its first use adopts it anyway.
+        if snapshot is None and read_shared and self._read_shared(newer_than=None) is not None:
+            return DocumentState("ok")
+        if snapshot is None:
+            if failed is not None:
+                return DocumentState("unavailable", failed.message)
+            return DocumentState("pending", f"{self._what} not fetched yet")
+        if failed is not None:
+            age = self._clock() - snapshot.fetched_at
+            return DocumentState(
+                "stale", f"{failed.message}; using the copy fetched {age:.0f} s ago"
+            )
+        return DocumentState("ok")
+
+    def warm_in_background(self) -> None:
+        """Fetch in a thread of its own when the copy is missing or due for a refresh,
+        unless a fetch is already running: a readiness probe learns the answer on its
+        next call and never waits for an IdP. Nothing happens while a fresh copy exists
+        or while the backoff after a failure lasts (``SingleFlight``'s own rules), so
+        probes cannot cause a storm."""
+        snapshot = self._snapshot
+        if snapshot is not None and self._clock() < snapshot.usable_until:
+            return
+        if self._flight.retry_in() > 0 or self._flight.in_flight:
+            return  # get() would only fail fast, or wait for the fetch already running
+        if not self._warming.acquire(blocking=False):
+            return
+
+        def fetch() -> None:
+            try:
+                self.get()
+            except errors.BrokerError:
+                pass  # kept as the flight's last_error, which state() reports
+            finally:
+                self._warming.release()
+
+        threading.Thread(target=fetch, name="broker-key-warmup", daemon=True).start()
 
     def _adopt(self, snapshot: _Snapshot[T]) -> _Snapshot[T]:
         with self._lock:
@@ -398,6 +469,12 @@ class JWKSCache:
             capacity=refresh_burst, refill_seconds=refresh_cooldown_seconds
         )
 
+    def state(self, *, read_shared: bool = True) -> DocumentState:
+        return self._document.state(read_shared=read_shared)
+
+    def warm_in_background(self) -> None:
+        self._document.warm_in_background()
+
     def get_key(self, kid: str | None, *, algorithm: str) -> jwt.PyJWK:
         """The key for ``kid``, bound to ``algorithm``; ``InvalidToken`` if there is none.
 
@@ -410,8 +487,10 @@ class JWKSCache:
         # this earns the same bounded refresh as an unknown kid.
         if jwk is None:
             if self._refresh_allowed():
+                metrics.key_refresh("refetched")
                 keys = self._document.refresh()
             else:
+                metrics.key_refresh("cooldown")
                 keys = self._document.adopt_newer_shared() or keys
             jwk = keys.find(kid)
         if jwk is None:

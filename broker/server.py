@@ -27,6 +27,15 @@ worker class shares, and relies on the worker calling the app with its response'
 ``start_response``, which gthread, sync and the async workers all do. A switch to
 gevent is ``class GeventWorker(BrokerWorker, gunicorn.workers.ggevent.GeventWorker)``
 (not defined here: gevent is not a dependency) named in ``worker_class``.
+
+Metrics (``[metrics]``, see broker.metrics): when they are exposed at all, the master
+gives the workers one ``PROMETHEUS_MULTIPROC_DIR`` before the first fork (the
+operator's, emptied of old files, or a fresh temporary one it removes on exit), tells
+prometheus-client when a worker dies, and with ``[metrics] listen`` serves the sum of
+every worker's metrics on that separate address from a thread of its own
+(``MetricsHooks``, gunicorn server hooks next to the worker and logger classes). Nothing
+here imports prometheus-client before the directory is set: the library fixes its mode
+on first import, and workers inherit the master's modules when they fork.
 """
 
 from __future__ import annotations
@@ -34,9 +43,13 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
+import shutil
 import ssl
+import tempfile
 from collections.abc import Iterable
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask
@@ -49,9 +62,11 @@ from gunicorn.workers.gthread import ThreadWorker as GThreadWorker
 from werkzeug.exceptions import BadRequest
 
 from broker import logs
-from broker.settings import WORKER_TIMEOUT_SECONDS, Settings
+from broker.settings import WORKER_TIMEOUT_SECONDS, MetricsSettings, Settings
 from broker.web import request_id
-from broker.web.security_headers import NON_HTML_POLICY
+
+log = logging.getLogger(__name__)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # broker.metrics.MULTIPROC_ENV, without the import
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -148,6 +163,11 @@ def refusal(exc: BaseException) -> tuple[int, str, str]:
 def error_bytes(status: int, code: str, message: str, rid: str) -> bytes:
     """A whole HTTP/1.1 response in the broker's JSON error shape, closing the
     connection (after a parse error, where the next request starts is unknown)."""
+    # Imported here: security_headers pulls in the app's modules and prometheus-client
+    # with them, which must not load in the master before MetricsHooks.on_starting has
+    # set PROMETHEUS_MULTIPROC_DIR (see the module docstring). Only workers get here.
+    from broker.web.security_headers import NON_HTML_POLICY
+
     body = json.dumps({"error": code, "message": message, "request_id": rid}).encode()
     head = (
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
@@ -332,6 +352,65 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         return create_app(self._settings)
 
 
+class MetricsHooks:
+    """gunicorn server hooks for multiprocess metrics; all run in the master."""
+
+    def __init__(self, settings: MetricsSettings) -> None:
+        self._listen = settings.listen
+        self._created: Path | None = None
+        self._server: Any = None
+
+    def on_starting(self, _arbiter: Any) -> None:
+        given = os.environ.get(MULTIPROC_ENV)
+        if given:
+            # Files of a previous run would be added to this run's counts.
+            directory = Path(given)
+            directory.mkdir(parents=True, exist_ok=True)
+            for stale in directory.glob("*.db"):
+                stale.unlink()
+        else:
+            directory = self._created = Path(tempfile.mkdtemp(prefix="broker-metrics-"))
+            os.environ[MULTIPROC_ENV] = str(directory)
+        log.info("metrics: workers write to %s", directory)
+
+    def when_ready(self, _arbiter: Any) -> None:
+        if self._listen is None:
+            return
+        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        host, port = self._listen
+        self._server, _thread = start_http_server(port, addr=host, registry=registry)
+        log.info("metrics: listening on http://%s:%d/metrics", host, port)
+
+    def child_exit(self, _arbiter: Any, worker: Any) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+    def on_exit(self, _arbiter: Any) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._created is not None:
+            shutil.rmtree(self._created, ignore_errors=True)
+            os.environ.pop(MULTIPROC_ENV, None)
+
+
+def metrics_hooks(settings: MetricsSettings | None) -> dict[str, Any]:
+    """The gunicorn hooks metrics need; none when metrics are not exposed at all."""
+    if settings is None or (settings.token is None and settings.listen is None):
+        return {}
+    hooks = MetricsHooks(settings)
+    return {
+        "on_starting": hooks.on_starting,
+        "when_ready": hooks.when_ready,
+        "child_exit": hooks.child_exit,
+        "on_exit": hooks.on_exit,
+    }
+
+
 # After SIGTERM, workers get this long to finish the requests they hold before they are
 # killed. Orchestrators must wait longer than this before SIGKILL (deploy/:
 # terminationGracePeriodSeconds, TimeoutStopSec, stop_grace_period).
@@ -339,7 +418,12 @@ GRACEFUL_TIMEOUT_SECONDS = 20
 
 
 def gunicorn_options(
-    bind: str, workers: int | None, threads: int, worker_tmp_dir: str | None = None
+    bind: str,
+    workers: int | None,
+    threads: int,
+    worker_tmp_dir: str | None = None,
+    *,
+    metrics: MetricsSettings | None = None,
 ) -> dict[str, Any]:
     options: dict[str, Any] = {
         "bind": bind,
@@ -357,6 +441,7 @@ def gunicorn_options(
         # Heartbeat files; None is gunicorn's default ($TMPDIR or /tmp). With a read-only
         # root filesystem it must be a tmpfs: /dev/shm also keeps heartbeats off disk.
         "worker_tmp_dir": worker_tmp_dir,
+        **metrics_hooks(metrics),
     }
     if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS):
         # gunicorn >= 25.1 opens a control socket by default in $XDG_RUNTIME_DIR or
@@ -375,4 +460,6 @@ def serve(
     threads: int,
     worker_tmp_dir: str | None = None,
 ) -> None:
-    _Gunicorn(settings, gunicorn_options(bind, workers, threads, worker_tmp_dir)).run()
+    _Gunicorn(
+        settings, gunicorn_options(bind, workers, threads, worker_tmp_dir, metrics=settings.metrics)
+    ).run()

@@ -16,7 +16,7 @@ from typing import Any
 import redis
 from flask import current_app
 
-from broker import rules
+from broker import metrics, rules
 from broker.credentials import CredentialService
 from broker.errors import BrokerError, RateLimited, UnknownProvider
 from broker.http import Http
@@ -144,10 +144,12 @@ class Services:
         try:
             verified = self.provider(provider).verify(token, nonce=nonce)
         except BrokerError as exc:
+            metrics.authentication(self.settings, provider, exc)
             # For the audit event of a failed authentication (the error path writes
             # it): a provider name the caller made up is not worth recording.
             exc.about(provider=provider if provider in self.providers else None)
             raise
+        metrics.authentication(self.settings, provider, None)
         return self.identity_ids.identify(verified)
 
     def _denials(self, identity: Identity) -> dict[str, Any]:
@@ -219,6 +221,10 @@ class Services:
                 **self._denials(identity),
             )
         except BrokerError as exc:
+            # A refusal is the outcome of this credential request: nothing gets minted.
+            metrics.credentials(
+                self.settings, provider=identity.provider, rule=None, role=role_arn, error=exc
+            )
             # Denials (rules, the rate limit) are audited by the error path, which needs
             # to know whom they were about.
             exc.about(provider=identity.provider, identity_id=identity.identity_id)
@@ -229,8 +235,18 @@ class Services:
         try:
             creds = self.credentials.get(identity, grant)
         except BrokerError as exc:
+            metrics.credentials(
+                self.settings,
+                provider=identity.provider,
+                rule=grant.rule,
+                role=grant.role_arn,
+                error=exc,
+            )
             exc.about(provider=identity.provider, identity_id=identity.identity_id)
             raise
+        metrics.credentials(
+            self.settings, provider=identity.provider, rule=grant.rule, role=grant.role_arn
+        )
         issued = Issued(identity=identity, grant=grant, credentials=creds)
         audit_log.info("credentials issued", extra={"audit": issued.audit})
         return issued

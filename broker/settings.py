@@ -183,6 +183,14 @@ class ConsoleSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetricsSettings:
+    # Bearer token that opens GET /metrics on the main listener; None: no such route.
+    token: str | None = field(default=None, repr=False)
+    # (host, port) of a separate metrics listener in the gunicorn master; None: none.
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class OIDCProviderSettings:
     name: str
     type: Literal["oidc", "google"]
@@ -281,6 +289,7 @@ class Settings:
     config_version: str
     source: str  # where the config came from, for messages
     upstream: UpstreamSettings = UpstreamSettings()
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 # --------------------------------------------------------------------------- reading
@@ -669,6 +678,41 @@ def _admin(r: _Reader) -> AdminSettings:
     return AdminSettings(token=token.strip() if token else None)
 
 
+# A metrics token is a password a scraper sends on every request: long enough that it
+# cannot be guessed online.
+METRICS_TOKEN_MIN_CHARS = 32
+LOOPBACK = "127.0.0.1"
+
+
+def _listen_address(r: _Reader, name: str) -> tuple[str, int] | None:
+    """``host:port``, ``[v6]:port``, ``:port`` or a bare port; without a host the
+    listener is loopback-only, so metrics never reach the network by accident."""
+    value = r.raw(name)
+    if value is _MISSING:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        r.problem(name, "must be host:port or a port number")
+        return None
+    host, _, port = str(value).rpartition(":")
+    host = host.strip("[]") or LOOPBACK
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        r.problem(name, f"must be host:port with a port from 1 to 65535, got {value!r}")
+        return None
+    if any(c.isspace() or c in "/@?#" for c in host):
+        r.problem(name, f"is not a host name or address: {host!r}")
+        return None
+    return host, int(port)
+
+
+def _metrics(r: _Reader) -> MetricsSettings:
+    token = r.opt_str("token")
+    if token is not None and len(token) < METRICS_TOKEN_MIN_CHARS:
+        r.problem("token", f"must be at least {METRICS_TOKEN_MIN_CHARS} characters")
+    s = MetricsSettings(token=token, listen=_listen_address(r, "listen"))
+    r.finish()
+    return s
+
+
 def _oidc_provider(name: str, kind: str, r: _Reader) -> OIDCProviderSettings:
     google = kind == "google"
     issuer = r.opt_url("issuer")
@@ -911,9 +955,12 @@ def settings_from_mapping(
     origins: dict[str, str] = {}
     merged = apply_env_overrides(dict(raw), os.environ if env is None else env, problems, origins)
     merged = _resolve_file_secrets(merged, "", base, problems)
-    version = hashlib.sha256(json.dumps(merged, sort_keys=True, default=str).encode()).hexdigest()[
-        :16
-    ]
+    # [metrics] changes nothing about credentials: rotating the scrape token must not
+    # empty the credential cache.
+    versioned = {k: v for k, v in merged.items() if k != "metrics"}
+    version = hashlib.sha256(
+        json.dumps(versioned, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
 
     top = _Reader(merged, "", problems)
     sections: dict[str, Callable[[_Reader], Any]] = {
@@ -929,6 +976,7 @@ def settings_from_mapping(
         "console": _console,
         "upstream": _upstream,
         "admin": _admin,
+        "metrics": _metrics,
     }
     built = {name: fn(top.table(name)) for name, fn in sections.items()}
     providers = _providers(top.table("providers"))

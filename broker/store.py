@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from broker import metrics
 from broker.errors import StoreUnavailable
 from broker.settings import RedisSettings
 
@@ -183,17 +184,24 @@ class RedisGuard:
         self._probing = False  # one call is finding out whether Redis is back
         self._outage: _Outage | None = None
 
-    def call(self, op: Callable[[], R]) -> R:
+    def call(self, op: Callable[[], R], *, operation: str = "other") -> R:
+        """Run ``op`` (one or more Redis calls); ``operation`` names it in metrics."""
         scope = _scope.get()
         if scope is not None and scope.failed:
             with self._lock:
                 if self._outage is not None:
                     self._count_failure(None)
+            metrics.redis_refused(operation)
             raise StoreUnavailable()
-        probe = self._admit()
+        try:
+            probe = self._admit()
+        except StoreUnavailable:
+            metrics.redis_refused(operation)
+            raise
         try:
             result = op()
         except redis.exceptions.RedisError as exc:
+            metrics.redis_error(operation)
             outage = isinstance(exc, _OUTAGE_ERRORS)
             if outage and scope is not None:
                 scope.failed = True
@@ -277,7 +285,7 @@ def _guarded(fn: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[Sto
 
     @functools.wraps(fn)
     def wrapper(self: Store, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self.guard.call(lambda: fn(self, *args, **kwargs))
+        return self.guard.call(lambda: fn(self, *args, **kwargs), operation=fn.__name__)
 
     return wrapper
 
@@ -470,14 +478,16 @@ class Store:
         The release never raises: if Redis fails then, the lock expires by itself after
         ``timeout``, and whatever the holder did (minted credentials, say) stands."""
         lock = self.client.lock(self.key("lock", name), timeout=timeout)
-        acquired = self.guard.call(lambda: bool(lock.acquire(blocking=True, blocking_timeout=wait)))
+        acquired = self.guard.call(
+            lambda: bool(lock.acquire(blocking=True, blocking_timeout=wait)), operation="lock"
+        )
         try:
             yield acquired
         finally:
             if acquired:
                 # Logged by the guard; the lock's TTL frees it.
                 with suppress(StoreUnavailable):
-                    self.guard.call(lambda: _release(lock))
+                    self.guard.call(lambda: _release(lock), operation="unlock")
 
 
 def _release(lock: Any) -> None:

@@ -35,6 +35,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError, ParamValidationError
 from botocore.parsers import ResponseParserError
 
+from broker import metrics
 from broker.errors import (
     THROTTLED_RETRY_AFTER,
     AccessDenied,
@@ -157,7 +158,8 @@ class BotocoreSTS:
         attempt = 1
         while True:
             try:
-                response = self._client.assume_role_with_web_identity(**params)
+                with metrics.sts_call():
+                    response = self._client.assume_role_with_web_identity(**params)
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 if code in _RETRYABLE and attempt < self._settings.max_attempts:

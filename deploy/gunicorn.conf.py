@@ -11,11 +11,14 @@ two ways to run the broker cannot drift apart; only where they come from differs
 import os
 
 from broker.server import gunicorn_options
+from broker.settings import CONFIG_ENV, load_settings
 
 globals().update(
     gunicorn_options(
         bind=os.environ.get("BIND", f"0.0.0.0:{os.environ.get('PORT', '8000')}"),
         workers=int(os.environ["WEB_CONCURRENCY"]) if "WEB_CONCURRENCY" in os.environ else None,
         threads=int(os.environ.get("GUNICORN_THREADS", "8")),
+        # [metrics] decides the master's metrics hooks (multiprocess files, listener).
+        metrics=load_settings().metrics if os.environ.get(CONFIG_ENV) else None,
     )
 )

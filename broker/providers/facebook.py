@@ -47,6 +47,7 @@ from typing import Any
 from broker import errors, jws
 from broker.http import Http, HttpResult, SingleFlight, Skipped
 from broker.identity import VerifiedClaims, VerifiedToken
+from broker.jwks import DocumentState
 from broker.providers.base import IdentityProvider
 from broker.providers.oauth_common import (
     VERIFICATION_CACHE_MAX_SECONDS,
@@ -149,6 +150,12 @@ class FacebookProvider(IdentityProvider):
             self._limited = OIDCProvider(
                 settings=limited_login_settings(settings), http=http, store=store, clock=clock
             )
+
+    def key_state(self, *, check: bool) -> DocumentState:
+        # Only Limited Login has key material (its JWKS); classic tokens go to Graph.
+        if self._limited is None:
+            return super().key_state(check=check)
+        return self._limited.key_state(check=check)
 
     # ------------------------------------------------------------------------ verify
 

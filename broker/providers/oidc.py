@@ -34,7 +34,13 @@ import jwt
 from broker import errors, jws
 from broker.http import Http
 from broker.identity import VerifiedClaims, VerifiedToken
-from broker.jwks import ASYMMETRIC_ALGORITHMS, JWKSCache, MalformedDocument, RemoteDocument
+from broker.jwks import (
+    ASYMMETRIC_ALGORITHMS,
+    DocumentState,
+    JWKSCache,
+    MalformedDocument,
+    RemoteDocument,
+)
 from broker.memo import ExpiringCache
 from broker.providers.base import IdentityProvider
 from broker.settings import OIDCProviderSettings
@@ -242,11 +248,32 @@ class OIDCProvider(IdentityProvider):
 
     # ------------------------------------------------------------------------ keys
 
+    def key_state(self, *, check: bool) -> DocumentState:
+        """The key set's state; the discovery document's while it names no key set, or
+        when it is stale and the keys are fine."""
+        jwks = self._jwks
+        discovery: DocumentState | None = None
+        if self._discovery is not None:
+            discovery = self._discovery.state(read_shared=check)
+            if check:
+                self._discovery.warm_in_background()
+            jwks_uri = self._discovery.peek()  # never a fetch: readyz must not wait
+            if jwks_uri is None:
+                return discovery
+            jwks = self._key_set_for(jwks_uri)
+        assert jwks is not None  # set in __init__ when there is no discovery document
+        keys = jwks.state(read_shared=check)
+        if check:
+            jwks.warm_in_background()
+        return discovery if keys.state == "ok" and discovery is not None else keys
+
     def _key_set(self) -> JWKSCache:
         if self._discovery is None:
             assert self._jwks is not None  # set in __init__ when jwks_url is configured
             return self._jwks
-        jwks_uri = self._discovery.get()
+        return self._key_set_for(self._discovery.get())
+
+    def _key_set_for(self, jwks_uri: str) -> JWKSCache:
         current = self._jwks
         if current is not None and current.url == jwks_uri:
             return current

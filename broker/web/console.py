@@ -41,8 +41,8 @@ from urllib.parse import urlencode
 from flask import Blueprint, Flask, current_app, jsonify, redirect, request
 from werkzeug.wrappers import Response
 
-from broker import console
-from broker.errors import BadRequest, Unauthenticated
+from broker import console, metrics
+from broker.errors import BadRequest, BrokerError, Unauthenticated
 from broker.identity import Identity
 from broker.safe_redirect import safe_next
 from broker.services import Issued, Services, current_services
@@ -143,11 +143,20 @@ def _signin(
             settings=settings.console,
         )
     issued = services.mint(identity, grant)
-    signin = console.FederationClient(settings=settings.console).signin(
-        target,
-        issued.credentials,
-        issuer=settings.server.public_url,
-        session_duration=choice.session_duration,
+    try:
+        signin = console.FederationClient(settings=settings.console).signin(
+            target,
+            issued.credentials,
+            issuer=settings.server.public_url,
+            session_duration=choice.session_duration,
+        )
+    except BrokerError as exc:
+        metrics.console_signin(
+            settings, provider=identity.provider, role=issued.grant.role_arn, error=exc
+        )
+        raise
+    metrics.console_signin(
+        settings, provider=identity.provider, role=issued.grant.role_arn, error=None
     )
     audit_log.info(
         "console sign-in URL issued",

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import request
 
+from broker import metrics
 from broker.errors import BrokerError
 from broker.services import Issued, Replay, Services
 
@@ -83,6 +84,7 @@ class ReplayMiddleware:
             audit_log.info(
                 "credentials issued", extra={"audit": {**replay.audit, "replayed": True}}
             )
+            metrics.replay_hit(self._services.settings, environ, route=PATH, audit=replay.audit)
             start_response(replay.status, list(replay.headers))
             return [replay.body]
         return self._record(environ, start_response, key)

@@ -625,11 +625,13 @@ def test_healthz_and_readyz(shared: Counted) -> None:
     ready = requests.get(f"{shared.url}/readyz", timeout=10)
     assert ready.status_code == 200
     assert ready.headers["Content-Type"] == "application/json"
-    assert ready.json() == {
-        "status": "ready",
-        "redis": "ok",
-        "config_version": shared.live.settings.config_version,
-    }
+    body = ready.json()
+    assert body["status"] == "ready"
+    assert body["redis"] == "ok"
+    assert body["config_version"] == shared.live.settings.config_version
+    # Every provider is named; none is unavailable (pending until its keys are fetched).
+    assert set(body["providers"]) == set(shared.live.settings.providers)
+    assert not any(v.startswith("unavailable") for v in body["providers"].values())
 
 
 # --------------------------------------------------------------------------- singleflight

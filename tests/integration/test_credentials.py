@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from broker import errors
+from broker import errors, metrics
 from broker.credentials import CredentialService
 from broker.devstack.processes import ManagedProcess
 from broker.devstack.redis_server import start_redis
@@ -39,6 +39,26 @@ CACHE = CacheSettings(
 GRANT = Grant(
     rule="readers", role_arn=READER_ROLE, duration_seconds=900, session_policy=None, policy_arns=()
 )
+
+
+def cache_counts() -> dict[str, float]:
+    """Cache results and singleflight waits counted so far in this process."""
+    registry = metrics.REGISTRY
+    counts = {
+        result: registry.get_sample_value("broker_credential_cache_total", {"result": result})
+        or 0.0
+        for result in ("memory", "redis", "miss", "disabled")
+    }
+    for outcome in ("filled", "took_over", "timeout"):
+        counts[outcome] = (
+            registry.get_sample_value("broker_singleflight_waits_total", {"outcome": outcome})
+            or 0.0
+        )
+    return counts
+
+
+def counted_since(before: dict[str, float]) -> dict[str, float]:
+    return {name: value - before[name] for name, value in cache_counts().items()}
 
 
 class CountingSTS:
@@ -284,12 +304,29 @@ def test_forget_drops_every_entry_of_one_identity(sts: CountingSTS, store: Store
 
 def test_a_disabled_cache_calls_sts_every_time(sts: CountingSTS, store: Store) -> None:
     credentials = service(sts, store, enabled=False)
+    before = cache_counts()
 
     credentials.get(identity(), GRANT)
     credentials.get(identity(), GRANT)
 
     assert sts.calls == 2
     assert keys_with_prefix(store) == []
+    assert counted_since(before)["disabled"] == 2
+
+
+def test_lookups_are_counted_by_where_they_were_answered(
+    sts: CountingSTS, new_store: Callable[[], Store]
+) -> None:
+    worker, other_worker = service(sts, new_store()), service(sts, new_store())
+    before = cache_counts()
+
+    worker.get(identity(), GRANT)  # miss: STS
+    worker.get(identity(token="token-2"), GRANT)  # this worker's memory
+    other_worker.get(identity(token="token-3"), GRANT)  # Redis, filled by the first
+
+    counted = counted_since(before)
+    assert (counted["miss"], counted["memory"], counted["redis"]) == (1, 1, 1)
+    assert sts.calls == 1
 
 
 def test_failures_are_not_cached_and_release_the_lock(real_sts: BotocoreSTS, store: Store) -> None:
@@ -320,6 +357,7 @@ def test_a_burst_for_one_identity_makes_one_sts_call(
     aws: LocalAWS, real_sts: BotocoreSTS, store: Store
 ) -> None:
     sts = CountingSTS(real_sts, delay=0.2)
+    before = cache_counts()
 
     with aws.recording() as recording:
         results = burst([service(sts, store)], 50)
@@ -327,6 +365,12 @@ def test_a_burst_for_one_identity_makes_one_sts_call(
     assert sts.calls == 1
     assert len(recording.sts_calls()) == 1
     assert {r.access_key_id for r in results} == {results[0].access_key_id}
+    # Metrics: one lookup result per request; the slowed leader made followers wait.
+    counted = counted_since(before)
+    assert counted["miss"] + counted["memory"] + counted["redis"] == 50
+    assert counted["miss"] >= 1
+    assert counted["filled"] >= 1
+    assert counted["timeout"] == counted["took_over"] == 0
 
 
 def test_separate_processes_share_singleflight(
@@ -360,10 +404,12 @@ def test_a_follower_gives_up_when_the_leader_takes_too_long(
             time.sleep(0.01)
 
         started = time.monotonic()
+        before = cache_counts()
         with pytest.raises(errors.DependencyUnavailable) as caught:
             credentials.get(identity(token="token-2"), GRANT)
         assert 0.9 < time.monotonic() - started < 2.5
         assert caught.value.retry_after
+        assert counted_since(before)["timeout"] == 1
 
         assert leading.result(timeout=10).access_key_id
     finally:
@@ -386,6 +432,7 @@ def test_a_worker_serves_from_memory_for_local_seconds_only(
         clock=clock,
     )
     other_worker = service(sts, new_store())
+    before = cache_counts()
     first = worker.get(identity(), GRANT)
 
     # Another worker's logout drops the Redis entry; this worker may keep its copy
@@ -396,6 +443,8 @@ def test_a_worker_serves_from_memory_for_local_seconds_only(
     clock.advance(31)
     assert worker.get(identity(), GRANT) != first
     assert sts.calls == 2
+    counted = counted_since(before)
+    assert (counted["miss"], counted["memory"], counted["redis"]) == (2, 1, 0)
 
 
 def test_local_seconds_zero_asks_redis_every_time(

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from broker import errors
+from broker import errors, metrics
 from broker.devstack.processes import free_port
 from broker.http import FAILED_FETCH_BACKOFF_SECONDS, Http
 from broker.jwks import JWKS_REFRESH_BURST, JWKSCache, key_for_algorithm
@@ -385,3 +385,21 @@ def test_key_without_alg_is_bound_to_the_requested_algorithm() -> None:
     jwk = rsa_key("k1", publish_alg=False).public_jwk()
     assert key_for_algorithm(jwk, "PS256").algorithm_name == "PS256"
     assert key_for_algorithm(jwk, "RS512").algorithm_name == "RS512"
+
+
+def test_refreshes_and_cooldown_refusals_are_counted(
+    idp: FakeIdP, http: Http, store: Store, clock: FakeClock
+) -> None:
+    def count(result: str) -> float:
+        value = metrics.REGISTRY.get_sample_value("broker_jwks_refreshes_total", {"result": result})
+        return value or 0.0
+
+    cache = make_cache(idp, http, store, clock)
+    cache.get_key("k1", algorithm="RS256")
+    refetched, cooldown = count("refetched"), count("cooldown")
+    for _ in range(JWKS_REFRESH_BURST + 4):
+        unknown_kid(cache, uuid.uuid4().hex)
+    # The shared bucket allows JWKS_REFRESH_BURST refetches; the rest find it empty.
+    assert count("refetched") == refetched + JWKS_REFRESH_BURST
+    assert count("cooldown") == cooldown + 4
+    assert idp.jwks_hits == 1 + JWKS_REFRESH_BURST

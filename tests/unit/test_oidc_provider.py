@@ -650,3 +650,72 @@ def test_a_remembered_token_outlives_no_key_withdrawal(
     clock.advance(2)
     with pytest.raises(errors.InvalidToken):
         provider.verify(token)
+
+
+# --------------------------------------------------------------------------- key state (/readyz)
+
+
+def _state_until(provider: OIDCProvider, wanted: str, *, seconds: float = 10) -> str:
+    """Probe like /readyz does until the state is ``wanted``; every probe is instant."""
+    deadline = time.monotonic() + seconds
+    while True:
+        started = time.monotonic()
+        state = provider.key_state(check=True)
+        assert time.monotonic() - started < 0.5, "a readiness probe must never wait on the IdP"
+        if state.state == wanted or time.monotonic() > deadline:
+            return state.describe()
+        time.sleep(0.02)
+
+
+def test_key_state_without_check_fetches_nothing(
+    make_provider: Callable[..., OIDCProvider], idp: FakeIdP
+) -> None:
+    provider = make_provider(jwks_url=None, discovery_url=idp.discovery_url)
+    assert provider.key_state(check=False).state == "pending"
+    time.sleep(0.2)
+    assert idp.discovery_hits == 0
+    assert idp.jwks_hits == 0
+
+
+def test_key_state_warms_discovery_then_keys_in_the_background(
+    make_provider: Callable[..., OIDCProvider], idp: FakeIdP
+) -> None:
+    provider = make_provider(jwks_url=None, discovery_url=idp.discovery_url)
+    assert _state_until(provider, "ok") == "ok"
+    for _ in range(10):
+        assert provider.key_state(check=True).state == "ok"
+    # One fetch of each, however many probes: no storm.
+    assert idp.discovery_hits == 1
+    assert idp.jwks_hits == 1
+    # The keys are the ones verification then uses: no further fetch.
+    make_token = sign(KEY, claims())
+    assert provider.verify(make_token).subject == "user-123"
+    assert idp.jwks_hits == 1
+
+
+def test_key_state_names_an_idp_that_hangs_without_waiting_for_it(
+    make_provider: Callable[..., OIDCProvider], idp: FakeIdP
+) -> None:
+    idp.mode = "hang"
+    provider = make_provider(timeout_seconds=0.3)
+    described = _state_until(provider, "unavailable")
+    assert described.startswith("unavailable: corp JWKS endpoint")
+    hits = idp.jwks_hits
+    for _ in range(20):
+        assert provider.key_state(check=True).state == "unavailable"
+    assert idp.jwks_hits == hits  # still backing off: probes cause no fetch
+
+
+def test_key_state_is_stale_when_a_refetch_fails_and_old_keys_are_kept(
+    idp: FakeIdP, http: Http, store: Store
+) -> None:
+    clock = FakeClock()
+    provider = OIDCProvider(settings=oidc_settings(idp), http=http, store=store, clock=clock)
+    assert provider.verify(sign(KEY, claims())).subject == "user-123"
+    assert provider.key_state(check=True).state == "ok"
+
+    idp.mode = "error"
+    clock.advance(3601)  # past jwks_cache_seconds: the next use refetches, and fails
+    described = _state_until(provider, "stale")
+    assert described.startswith("stale: corp JWKS endpoint")
+    assert "using the copy fetched 3601 s ago" in described

@@ -18,7 +18,7 @@ import pytest
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from broker import errors
+from broker import errors, metrics
 from broker.devstack.processes import free_port
 from broker.settings import STSSettings
 from broker.sts import AssumeRequest, BotocoreSTS
@@ -364,3 +364,70 @@ def test_read_timeout_is_dependency_unavailable(fake: FakeSTS) -> None:
     finally:
         client.close()
     assert len(fake.requests) == 1
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _sts_sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.parametrize(
+    ("code", "label"),
+    [
+        ("AccessDenied", "AccessDenied"),
+        ("InvalidIdentityToken", "InvalidIdentityToken"),
+        ("ThrottlingException", "ThrottlingException"),
+        # An STS stand-in (or a future STS) may send any code: never a new series.
+        ("SomethingNew", "other"),
+        ("alice@example.com", "other"),
+    ],
+)
+def test_sts_errors_are_counted_by_bounded_code(fake: FakeSTS, code: str, label: str) -> None:
+    client = BotocoreSTS(settings(fake.url, max_attempts=1))
+    fake.reset(Answer(400, error_document(code, "no")))
+    errors_before = _sts_sample("broker_sts_errors_total", code=label)
+    calls_before = _sts_sample("broker_sts_request_duration_seconds_count")
+    try:
+        with pytest.raises(errors.BrokerError):
+            client.assume_role_with_web_identity(assume())
+    finally:
+        client.close()
+
+    assert _sts_sample("broker_sts_errors_total", code=label) == errors_before + 1
+    assert _sts_sample("broker_sts_request_duration_seconds_count") == calls_before + 1
+
+
+def test_sts_latency_counts_every_attempt_and_unreachable_is_labelled() -> None:
+    client = BotocoreSTS(settings(f"http://127.0.0.1:{free_port()}"))
+    before = _sts_sample("broker_sts_errors_total", code="unreachable")
+    try:
+        with pytest.raises(errors.DependencyUnavailable):
+            client.assume_role_with_web_identity(assume())
+    finally:
+        client.close()
+    assert _sts_sample("broker_sts_errors_total", code="unreachable") == before + 1
+
+
+def test_a_successful_call_is_timed_and_counts_no_error(fake: FakeSTS, sts: BotocoreSTS) -> None:
+    calls = _sts_sample("broker_sts_request_duration_seconds_count")
+    total_errors = sum(
+        s.value
+        for m in metrics.REGISTRY.collect()
+        if m.name == "broker_sts_errors"
+        for s in m.samples
+        if s.name == "broker_sts_errors_total"
+    )
+    sts.assume_role_with_web_identity(assume())
+    assert _sts_sample("broker_sts_request_duration_seconds_count") == calls + 1
+    assert (
+        sum(
+            s.value
+            for m in metrics.REGISTRY.collect()
+            if m.name == "broker_sts_errors"
+            for s in m.samples
+            if s.name == "broker_sts_errors_total"
+        )
+        == total_errors
+    )
