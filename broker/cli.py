@@ -317,20 +317,29 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 def cmd_logout(args: argparse.Namespace) -> int:
     from broker.client.credentials import forget_cached
-    from broker.client.session import BrokerAPIError, CLISession
+    from broker.client.session import BrokerAPIError, CLIError, CLISession
 
     client = _client(args)
     session = CLISession.load(client.url)
+    forget_cached(client.url)
     if session is None:
         _say(f"not signed in at {client.url}")
         return 0
+    # This machine forgets the session whatever the broker says: a lost connection must
+    # not leave a secret behind that the user believes gone.
+    session.forget()
     try:
         client.call("POST", "/v1/cli/logout", bearer=session.token)
     except BrokerAPIError as exc:
-        if exc.http_status != 401:
-            raise
-    session.forget()
-    forget_cached(client.url)
+        if exc.http_status != 401:  # 401: it had ended at the broker already
+            _say(f"signed out here; the broker did not confirm: {exc.reason}")
+            return 1
+    except CLIError as exc:
+        _say(
+            f"signed out here; the broker did not confirm ({exc.message}): the session "
+            "ends there by itself after its idle timeout"
+        )
+        return 1
     _say(f"signed out at {client.url}")
     return 0
 
@@ -356,7 +365,12 @@ def cmd_configure(args: argparse.Namespace) -> int:
     from broker.client.aws_config import config_path, credential_process_line, write_profile
     from broker.client.session import broker_url
 
-    executable = shutil.which("broker") or os.path.abspath(sys.argv[0])
+    # The broker that is running now, not whichever comes first on PATH.
+    running = os.path.realpath(sys.argv[0])
+    if os.path.basename(running).startswith("broker") and os.access(running, os.X_OK):
+        executable = running
+    else:
+        executable = shutil.which("broker") or running
     values = {
         "credential_process": credential_process_line(
             executable,
@@ -380,7 +394,7 @@ def cmd_configure(args: argparse.Namespace) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     from broker.client.exec import run
 
-    command = list(args.command)
+    command = list(args.argv)
     if command and command[0] == "--":
         command = command[1:]
     return run(_source(args), command, region=args.region)
@@ -429,7 +443,7 @@ def _add_client_parsers(sub: Any) -> None:
     _add_broker_arg(p)
     _add_role_args(p, required=False)
     p.add_argument("--region", default=None)
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(fn=cmd_exec)
 
 
@@ -530,6 +544,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:
         print(f"broker {args.command}: {exc.message}", file=sys.stderr)
         return exc.status
+    except OSError as exc:  # a file the command needed: say which, never a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"broker {args.command}: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     return rc
 
 

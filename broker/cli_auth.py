@@ -51,7 +51,6 @@ _VERIFIER_RE = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
 _CHALLENGE_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 _STATE_MAX_CHARS = 512
 _DEVICE_CODE_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
-_LOOPBACK_NAMES = {"localhost"}
 
 
 class AuthorizationPending(errors.BadRequest):
@@ -95,12 +94,12 @@ def check_loopback_redirect(uri: str | None) -> str:
         raise errors.BadRequest("redirect_uri is required")
     parts = urlsplit(uri)
     host = parts.hostname or ""
-    loopback = host in _LOOPBACK_NAMES
-    if not loopback:
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
+    # Loopback IP literals only: RFC 8252 section 8.3 advises against "localhost", which
+    # a resolver or a hosts file may point elsewhere.
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
     try:
         port = parts.port
     except ValueError:
@@ -115,7 +114,7 @@ def check_loopback_redirect(uri: str | None) -> str:
         or "\\" in uri
     ):
         raise errors.BadRequest(
-            "redirect_uri must be http://127.0.0.1:PORT/... (a loopback address with a port)"
+            "redirect_uri must be http://127.0.0.1:PORT/... or http://[::1]:PORT/..."
         )
     return uri
 
@@ -255,11 +254,15 @@ class CLIAuth:
         return device_digest
 
     def decide_device(self, ws: WebSession, *, user_code: str, approve: bool) -> None:
-        """Record the person's answer; the user code is used up either way."""
-        code = normalize_user_code(user_code)
-        key = self._device_key(self.pending_device(code))
+        """Record the person's answer. The user code is taken (GETDEL) first, so of two
+        answers at once only one counts, and it is used up either way."""
+        device_digest = self._store.take_flag(self._user_code_key(normalize_user_code(user_code)))
+        if device_digest is None:
+            raise errors.BadRequest(
+                "no sign-in is waiting for this code; check it, or run broker login again"
+            )
+        key = self._device_key(device_digest)
         ttl = self._store.ttl_seconds(key)
-        self._store.delete(self._user_code_key(code))
         if ttl is None:
             raise errors.BadRequest("this sign-in has expired; run broker login again")
         value: dict[str, Any] = (

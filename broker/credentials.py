@@ -40,6 +40,20 @@ from broker.sts import STS, AssumeRequest, IssuedCredentials
 LOCAL_CACHE_ENTRIES = 10_000
 _POLL_FIRST_SECONDS = 0.01
 _POLL_MAX_SECONDS = 0.1
+# The AWS SDKs renew credentials with less than 15 minutes left (botocore's advisory
+# refresh window) and ask again on every call until they get ones with more. A door whose
+# client is such an SDK (the CLI, the container endpoint) therefore never hands out
+# cached credentials with less than this left, or the SDK would ask on every call.
+SDK_REFRESH_SECONDS = 15 * 60 + 60
+
+
+def sdk_min_left(duration_seconds: int) -> float:
+    """The least lifetime cached credentials need for a self-renewing SDK; 0 when the
+    grant's whole lifetime is too short for that to matter (the SDK renews them on every
+    call whatever the broker does)."""
+    return float(SDK_REFRESH_SECONDS) if duration_seconds >= 2 * SDK_REFRESH_SECONDS else 0.0
+
+
 # What a caller is told when the leader is still waiting on STS after lock_wait_seconds.
 _BUSY_RETRY_AFTER = 2
 
@@ -64,7 +78,9 @@ class CredentialService:
             max_entries=LOCAL_CACHE_ENTRIES if settings.local_seconds else 0, clock=clock
         )
 
-    def get(self, identity: Identity, grant: Grant) -> IssuedCredentials:
+    def get(self, identity: Identity, grant: Grant, *, min_left: float = 0.0) -> IssuedCredentials:
+        """Credentials for ``grant``: cached ones with at least ``min_left`` seconds left
+        (besides the safety margin), else fresh ones from STS (one call per burst)."""
         if not self._settings.enabled:
             metrics.cache_result("disabled")
             return self._assume(identity, grant)
@@ -72,10 +88,10 @@ class CredentialService:
         digest = self._digest(identity.identity_id, grant)
         key = self._store.key("creds", digest)
         cached = self._local.get(key)
-        if cached is not None:
+        if cached is not None and self._lasts(cached, min_left):
             metrics.cache_result("memory")
             return cached
-        cached = self._cached(key)
+        cached = self._cached(key, min_left)
         metrics.cache_result("miss" if cached is None else "redis")
         if cached is not None:
             return cached
@@ -93,7 +109,7 @@ class CredentialService:
             ) as leader:
                 if leader:
                     # The previous leader may have filled the cache just before we won.
-                    cached = self._cached(key)
+                    cached = self._cached(key, min_left)
                     if waited:
                         outcome = "took_over" if cached is None else "filled"
                         metrics.singleflight_wait(outcome, time.monotonic() - started)
@@ -103,7 +119,7 @@ class CredentialService:
                     self._put(key, identity.identity_id, issued)
                     return issued
             waited = True
-            cached = self._cached(key)
+            cached = self._cached(key, min_left)
             if cached is not None:
                 metrics.singleflight_wait("filled", time.monotonic() - started)
                 return cached
@@ -167,9 +183,12 @@ class CredentialService:
     def _index_key(self, identity_id: str) -> str:
         return self._store.key("creds-index", identity_id)
 
-    def _cached(self, key: str) -> IssuedCredentials | None:
+    def _lasts(self, issued: IssuedCredentials, min_left: float) -> bool:
+        return not min_left or issued.expiration.timestamp() - self._clock() >= min_left
+
+    def _cached(self, key: str, min_left: float = 0.0) -> IssuedCredentials | None:
         local = self._local.get(key)
-        if local is not None:
+        if local is not None and self._lasts(local, min_left):
             return local
         value = self._store.get_sealed(key)
         if value is None:
@@ -180,7 +199,7 @@ class CredentialService:
             return None  # written by an incompatible version: treat as a miss
         # Redis expires entries at the margin already; this guards against clock skew
         # between broker nodes and Redis.
-        if self._remaining(issued) <= 0:
+        if self._remaining(issued) <= 0 or not self._lasts(issued, min_left):
             return None
         self._remember(key, issued)
         return issued

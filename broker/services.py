@@ -17,7 +17,7 @@ import redis
 from flask import current_app
 
 from broker import metrics, rules
-from broker.credentials import CredentialService
+from broker.credentials import CredentialService, sdk_min_left
 from broker.errors import BrokerError, RateLimited, UnknownProvider
 from broker.http import Http
 from broker.identity import Identity, IdentityIds, hypothetical_token
@@ -194,9 +194,12 @@ class Services:
         *,
         role_arn: str | None = None,
         duration_seconds: int | None = None,
+        self_renewing: bool = False,
     ) -> Issued:
+        """``self_renewing``: the caller is an AWS SDK that renews credentials by itself
+        (the CLI, the container endpoint); see ``credentials.sdk_min_left``."""
         grant = self.decide(identity, role_arn=role_arn, duration_seconds=duration_seconds)
-        return self.mint(identity, grant)
+        return self.mint(identity, grant, self_renewing=self_renewing)
 
     def decide(
         self,
@@ -230,10 +233,11 @@ class Services:
             exc.about(provider=identity.provider, identity_id=identity.identity_id)
             raise
 
-    def mint(self, identity: Identity, grant: Grant) -> Issued:
+    def mint(self, identity: Identity, grant: Grant, *, self_renewing: bool = False) -> Issued:
         """Credentials for a grant ``decide`` returned for this identity (cache or STS)."""
+        min_left = sdk_min_left(grant.duration_seconds) if self_renewing else 0.0
         try:
-            creds = self.credentials.get(identity, grant)
+            creds = self.credentials.get(identity, grant, min_left=min_left)
         except BrokerError as exc:
             metrics.credentials(
                 self.settings,

@@ -450,6 +450,14 @@ class Store:
         return bool(self.client.set(key, value.encode(), px=_ttl_ms(ttl), nx=only_if_new))
 
     @_guarded
+    def take_flag(self, key: str) -> str | None:
+        """Read and delete a marker key in one step (GETDEL): one caller gets it."""
+        raw = self.client.getdel(key)
+        if raw is None:
+            return None
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    @_guarded
     def get_flag(self, key: str) -> str | None:
         """The value of a marker key set by ``set_flag``, or None."""
         raw = self.client.get(key)

@@ -3,9 +3,12 @@
 The AWS SDKs refresh ``credential_process`` credentials by themselves when fewer than
 15 minutes are left (botocore's advisory window), and call the process again each time
 until they get fresher ones. So the cache hands out a credential only while more than
-``min(15 min, half its lifetime)`` is left, and otherwise renews it through the CLI
-session, silently. When the session is gone the user is told which ``broker login`` to
-run; a browser is started only when asked (``--login``).
+15 minutes are left (half its lifetime for credentials that had less than twice that
+when fetched), and otherwise renews it through the CLI session, silently; the broker,
+for its part, never answers this door with credentials that have less than 16 minutes
+left when their lifetime allows more (``broker.credentials.sdk_min_left``). When the
+session is gone the user is told which ``broker login`` to run; a browser is started
+only when asked (``--login``).
 """
 
 from __future__ import annotations
@@ -79,21 +82,25 @@ class CredentialSource:
                 raise CLIError(f"{exc.reason} ({exc.code})") from None
             session.forget()
             answer = self._fetch(self._login_or_fail(exc.reason))
-        process: dict[str, Any] = answer["credentials"]
+        process = answer.get("credentials")
+        if not isinstance(process, dict) or "Expiration" not in process:
+            raise CLIError(f"the broker at {self._client.url} answered without credentials")
         files.write_private(
             self.cache_path,
             {
                 "broker": self._client.url,
                 "credentials": process,
                 "fetched_at": self._clock(),
-                "role_arn": answer["role_arn"],
+                "role_arn": answer.get("role_arn"),
             },
         )
         return process
 
     def role_arn(self) -> str | None:
         entry = files.read_private(self.cache_path)
-        return str(entry["role_arn"]) if entry and "role_arn" in entry else self._role_arn
+        if entry and isinstance(entry.get("role_arn"), str):
+            return str(entry["role_arn"])
+        return self._role_arn
 
     def forget(self) -> None:
         files.remove(self.cache_path)
@@ -124,7 +131,8 @@ class CredentialSource:
         expires = _parse_time(process.get("Expiration"))
         if expires is None:
             return None
-        margin = min(REFRESH_BEFORE_SECONDS, (expires - fetched_at) / 2)
+        lifetime = expires - fetched_at
+        margin = REFRESH_BEFORE_SECONDS if lifetime > 2 * REFRESH_BEFORE_SECONDS else lifetime / 2
         if expires - self._clock() <= margin:
             return None
         return process

@@ -41,14 +41,17 @@ def _pkce_pair() -> tuple[str, str]:
     return verifier, challenge.rstrip(b"=").decode()
 
 
-def _listener(answer: _Answer, arrived: threading.Event) -> ThreadingHTTPServer:
+def _listener(answer: _Answer, arrived: threading.Event, state: str) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             parts = urlsplit(self.path)
-            if parts.path != CALLBACK_PATH or answer.query is not None:
+            query = {k: v[0] for k, v in parse_qs(parts.query).items() if v}
+            # Anything else on this machine may knock first: only the answer carrying
+            # this attempt's state counts, the rest is ignored and the wait goes on.
+            right_state = hmac.compare_digest(query.get("state", "").encode(), state.encode())
+            if parts.path != CALLBACK_PATH or answer.query is not None or not right_state:
                 self.send_error(404)
                 return
-            query = {k: v[0] for k, v in parse_qs(parts.query).items() if v}
             answer.query = query
             ok = "code" in query
             body = _DONE_PAGE % (b"Signed in." if ok else b"The sign-in did not complete.")
@@ -75,10 +78,10 @@ def login_loopback(
     timeout: float = 600.0,
 ) -> CLISession:
     verifier, challenge = _pkce_pair()
-    state = secrets.token_urlsafe(24)
     answer = _Answer()
     arrived = threading.Event()
-    server = _listener(answer, arrived)
+    state = secrets.token_urlsafe(24)
+    server = _listener(answer, arrived, state)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,21 @@ def broker_url(value: str | None) -> str:
     parts = urlsplit(url)
     if parts.scheme not in {"http", "https"} or not parts.netloc or parts.query:
         raise CLIError(f"--broker must be the broker's http(s) URL, got {url!r}", status=2)
+    if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
+        # The session secret and AWS keys would cross the network in the clear.
+        raise CLIError(
+            f"--broker must use https (plain http only for this machine): {url}", status=2
+        )
     return url
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class BrokerClient:
@@ -78,8 +93,14 @@ class BrokerClient:
             raise CLIError(
                 f"the broker at {self.url} did not answer within {self._timeout:.0f} s"
             ) from None
-        except requests.RequestException:
-            raise CLIError(f"cannot reach the broker at {self.url}") from None
+        except requests.exceptions.SSLError:
+            raise CLIError(
+                f"cannot reach the broker at {self.url}: its TLS certificate is not trusted"
+            ) from None
+        except requests.RequestException as exc:
+            raise CLIError(
+                f"cannot reach the broker at {self.url} ({type(exc).__name__})"
+            ) from None
         try:
             data = response.json()
         except ValueError:

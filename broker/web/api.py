@@ -127,7 +127,8 @@ def _query_duration() -> int | None:
     raw = request.args.get("duration_seconds")
     if raw is None or raw == "":
         return None
-    if not raw.isdigit() or len(raw) > 6:
+    # isascii: str.isdigit() also takes superscripts and other scripts' digits.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 6:
         raise BadRequest("duration_seconds must be a whole number of seconds")
     return int(raw)
 
@@ -145,7 +146,10 @@ def container_credentials(provider: str) -> Response:
     services = current_services()
     identity = services.identify(provider, token)
     issued = services.issue(
-        identity, role_arn=request.args.get("role_arn") or None, duration_seconds=duration
+        identity,
+        role_arn=request.args.get("role_arn") or None,
+        duration_seconds=duration,
+        self_renewing=True,
     )
     return jsonify(container_json(issued))
 

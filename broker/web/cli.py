@@ -20,7 +20,7 @@ through the same ``Services.issue`` as every other door. See broker.cli_auth.
 from __future__ import annotations
 
 import logging
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from flask import (
     Blueprint,
@@ -49,10 +49,10 @@ from broker.cli_auth import (
 from broker.identity import Identity
 from broker.safe_redirect import safe_next
 from broker.services import current_services
-from broker.sessions import WebSession, check_csrf, load_session, web_sso
+from broker.sessions import WebSession, check_csrf, load_session, session_identity, web_sso
 from broker.sts import iso_utc
 from broker.web.api import issued_json, json_body
-from broker.web.security_headers import no_store
+from broker.web.security_headers import content_security_policy, no_store
 from broker.web.sso import identity_view, pages_and_json_errors
 
 log = logging.getLogger(__name__)
@@ -92,15 +92,50 @@ blueprint.after_request(no_store)
 pages_and_json_errors(blueprint)
 
 
+def _provider_arg(value: str | None) -> str | None:
+    """A ``provider`` the CLI asked for: a configured one, or ``UnknownProvider``."""
+    if not value:
+        return None
+    current_services().provider(value)
+    return value
+
+
 def _sign_in_first(provider: str | None) -> Response:
     """Send the browser through the web sign-in and back to this very page."""
     here = safe_next(request.full_path.rstrip("?"))
-    services = current_services()
-    if provider and provider in services.providers:
+    if provider:
         target = url_for("sso.login_start", provider=provider)
     else:
         target = url_for("sso.login_page")
     return redirect(target + "?" + urlencode({"next": here}), 303)
+
+
+def _usable_session(provider: str | None) -> WebSession | None:
+    """The browser session a CLI session may be made from: None (sign in first) when
+    there is none, or when its provider token has expired and cannot be renewed: a CLI
+    session made from it would be dead on arrival."""
+    ws = load_session()
+    if ws is None or (provider and ws.provider != provider):
+        return None
+    if ws.token_expired(web_sso().clock()):
+        try:
+            session_identity(ws)
+        except (errors.ExpiredToken, errors.Unauthenticated):
+            return None
+        ws = load_session() or ws
+    return ws
+
+
+def _loopback_form_action(response: Response, redirect_uri: str) -> Response:
+    """Let this page's form redirect to the CLI's loopback listener: Chromium applies
+    ``form-action`` to the redirect that answers a form, and the app-wide policy allows
+    only the broker itself (and the AWS sign-in) as targets."""
+    origin = "http://" + urlsplit(redirect_uri).netloc
+    policy = content_security_policy(current_services().settings)
+    response.headers["Content-Security-Policy"] = policy.replace(
+        "form-action 'self'", f"form-action 'self' {origin}", 1
+    )
+    return response
 
 
 # ---------------------------------------------------------------------- loopback
@@ -112,10 +147,11 @@ def authorize_page() -> Response:
     redirect_uri = check_loopback_redirect(args.get("redirect_uri"))
     challenge = check_challenge(args.get("code_challenge"), args.get("code_challenge_method"))
     state = check_state(args.get("state"))
-    ws = load_session()
+    provider = _provider_arg(args.get("provider"))
+    ws = _usable_session(provider)
     if ws is None:
-        return _sign_in_first(args.get("provider"))
-    return make_response(
+        return _sign_in_first(provider)
+    page = make_response(
         render_template(
             "cli_authorize.html",
             ws=ws,
@@ -125,6 +161,7 @@ def authorize_page() -> Response:
             state=state,
         )
     )
+    return _loopback_form_action(page, redirect_uri)
 
 
 @blueprint.post("/cli/authorize")
@@ -149,9 +186,10 @@ def authorize_answer() -> Response:
 
 @blueprint.get("/device")
 def device_page() -> Response:
-    ws = load_session()
+    provider = _provider_arg(request.args.get("provider"))
+    ws = _usable_session(provider)
     if ws is None:
-        return _sign_in_first(request.args.get("provider"))
+        return _sign_in_first(provider)
     typed = request.args.get("user_code")
     user_code = None
     if typed:
@@ -182,6 +220,7 @@ def device_answer() -> Response:
 def device_start() -> Response:
     # The body is optional: {"provider": NAME} only picks the sign-in page to go to.
     body = json_body({"provider": str}, required=()) if request.get_data(cache=True) else {}
+    _provider_arg(body.get("provider"))
     started = cli_auth().start_device()
     public = current_services().settings.server.public_url.rstrip("/")
     extra = {"provider": body["provider"]} if body.get("provider") else {}
@@ -300,6 +339,7 @@ def session_credentials() -> Response:
         _bearer_identity(ws),
         role_arn=body.get("role_arn"),
         duration_seconds=body.get("duration_seconds"),
+        self_renewing=True,
     )
     return jsonify(issued_json(issued))
 

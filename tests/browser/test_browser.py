@@ -28,9 +28,12 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -400,13 +403,36 @@ def test_sign_in_to_credentials_in_chromium(
     driver.save_screenshot(str(ARTIFACTS / "console-signin.png"))
 
     # The CLI sign-in pages (broker login): the loopback approval and the device code.
+    # Approve must reach the CLI's loopback listener: Chromium applies the page's CSP
+    # form-action to the redirect that answers the form.
+    arrived: list[str] = []
+
+    class Listener(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            arrived.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *_args: object, **_kwargs: object) -> None:
+            return
+
+    listener = HTTPServer(("127.0.0.1", 0), Listener)
+    threading.Thread(target=listener.handle_request, daemon=True).start()
+    redirect_uri = quote(f"http://127.0.0.1:{listener.server_address[1]}/callback", safe="")
     challenge = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
     driver.get(
-        f"{broker.url}/cli/authorize?redirect_uri=http%3A%2F%2F127.0.0.1%3A9%2Fcallback"
+        f"{broker.url}/cli/authorize?redirect_uri={redirect_uri}"
         f"&code_challenge={challenge}&code_challenge_method=S256&state=browser-test"
     )
     assert driver.find_element(By.ID, "approve").text == "Approve"
     check_page(driver, "cli-authorize", axe_source)
+    driver.find_element(By.ID, "approve").click()
+    wait.until(lambda _d: arrived)
+    listener.server_close()
+    assert arrived[0].startswith("/callback?code=")
+    assert "state=browser-test" in arrived[0]
     driver.get(f"{broker.url}/device")
     check_page(driver, "device-entry", axe_source)
     started = requests.post(f"{broker.url}/v1/cli/device", timeout=WAIT_SECONDS).json()

@@ -245,6 +245,12 @@ def test_broker_exec_gives_only_its_child_credentials(
         "except urllib.error.HTTPError as e:\n"
         "    print(e.code)\n"
     )
+    # The user's own files name other credentials, which the SDKs would ask before the
+    # container endpoint: exec must keep them from the child.
+    Path(env["AWS_SHARED_CREDENTIALS_FILE"]).write_text(
+        "[default]\naws_access_key_id = AKIDSTATIC\naws_secret_access_key = static\n"
+    )
+    Path(env["AWS_CONFIG_FILE"]).write_text("[default]\nregion = eu-west-1\n")
     base = ["broker", "exec", "--broker", cli_broker.url, "--role-arn", USER_ROLE, "--"]
     assert run(env, *base, sys.executable, "-c", child).stdout.strip() == "401"
     who = run(
@@ -253,6 +259,16 @@ def test_broker_exec_gives_only_its_child_credentials(
     assert "assumed-role/BrokerDemoUser/alice@example.com" in who.stdout
     failing = run(env, *base, sys.executable, "-c", "raise SystemExit(7)", check=False)
     assert failing.returncode == 7
+    # The region came from the user's config; a signal death is 128 + the signal.
+    region = "import os; print(os.environ['AWS_REGION'])"
+    no_env_region = {k: v for k, v in env.items() if k != "AWS_DEFAULT_REGION"}
+    assert run(no_env_region, *base, sys.executable, "-c", region).stdout.strip() == "eu-west-1"
+    killed = "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+    assert run(env, *base, sys.executable, "-c", killed, check=False).returncode == 128 + 15
+    # No command, an unknown one: exit codes a shell uses, one line on stderr.
+    missing = run(env, *base, "no-such-command-xyz", check=False)
+    assert missing.returncode == 127
+    assert "broker exec: command not found" in missing.stderr
 
 
 # ---------------------------------------------------------------------- workloads
@@ -405,6 +421,37 @@ def test_cli_authorize_never_redirects_to_an_unchecked_place(
     assert r.status_code == 400
     assert "Location" not in r.headers
     assert "text/html" in r.headers["Content-Type"]
+
+
+def test_an_unknown_provider_is_refused_up_front(cli_broker: LiveBroker) -> None:
+    r = requests.post(
+        f"{cli_broker.url}/v1/cli/device", json={"provider": "nosuch"}, timeout=TIMEOUT
+    )
+    assert (r.status_code, r.json()["error"]) == (400, "unknown_provider")
+    page = requests.get(
+        f"{cli_broker.url}/cli/authorize?redirect_uri=http%3A%2F%2F127.0.0.1%3A9%2F"
+        f"&code_challenge={'a' * 43}&code_challenge_method=S256&state=s&provider=nosuch",
+        allow_redirects=False,
+        timeout=TIMEOUT,
+    )
+    assert page.status_code == 400
+    assert "Location" not in page.headers
+
+
+def test_the_approval_page_lets_its_form_reach_the_loopback_only(cli_broker: LiveBroker) -> None:
+    web = WebClient(cli_broker)
+    web.login("alice")
+    page = web.get(
+        "/cli/authorize?redirect_uri=http%3A%2F%2F127.0.0.1%3A4567%2Fcallback"
+        f"&code_challenge={'a' * 43}&code_challenge_method=S256&state=s"
+    )
+    assert page.status_code == 200
+    policy = page.headers["Content-Security-Policy"]
+    form_action = next(p for p in policy.split("; ") if p.startswith("form-action"))
+    # Chromium applies form-action to the redirect after Approve: the listener's origin
+    # must be allowed, and no other loopback port.
+    assert "http://127.0.0.1:4567" in form_action.split()
+    assert "http://127.0.0.1:*" not in form_action
 
 
 def test_token_endpoint_refusals(cli_broker: LiveBroker) -> None:

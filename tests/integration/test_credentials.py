@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from broker import errors, metrics
-from broker.credentials import CredentialService
+from broker.credentials import CredentialService, sdk_min_left
 from broker.devstack.processes import ManagedProcess
 from broker.devstack.redis_server import start_redis
 from broker.identity import Identity, IdentityIds, VerifiedClaims, VerifiedToken
@@ -468,3 +468,27 @@ def test_forget_also_drops_this_workers_memory(sts: CountingSTS, store: Store) -
     worker.get(identity(), GRANT)
 
     assert sts.calls == 2
+
+
+@pytest.mark.parametrize(
+    ("duration", "left_after", "renewed"),
+    [
+        (3600, 3600 - 2000, False),  # 26 min left: fine for an SDK
+        (3600, 900, True),  # 15 min left: an SDK would ask again on every call
+        (1800, 700, False),  # too short-lived for the rule: the ordinary margin only
+    ],
+)
+def test_self_renewing_callers_never_get_credentials_inside_the_sdk_window(
+    sts: CountingSTS, store: Store, duration: int, left_after: int, renewed: bool
+) -> None:
+    grant = replace(GRANT, duration_seconds=duration)
+    first = service(sts, store).get(identity(), grant)
+    # A node whose clock is where the credentials have ``left_after`` seconds left.
+    skew = first.expiration.timestamp() - time.time() - left_after
+    later = CredentialService(
+        sts=sts, store=store, settings=CACHE, config_version="v1", clock=lambda: time.time() + skew
+    )
+    later.get(identity(), grant)  # an ordinary caller: the cache serves it
+    assert sts.calls == 1
+    later.get(identity(), grant, min_left=sdk_min_left(grant.duration_seconds))
+    assert sts.calls == (2 if renewed else 1)

@@ -105,3 +105,53 @@ def test_the_credential_process_line_splits_back_into_the_same_arguments() -> No
         "--duration",
         "900",
     ]
+
+
+@pytest.mark.parametrize(
+    ("before", "expected_region_lines"),
+    [
+        ("[profile work]\nRegion = us-east-1\n", 1),
+        ("[profile work]\nregion: us-east-1\n", 1),
+        ('[profile "work"]\nregion = us-east-1\n', 1),
+        ("[profile work]\ns3 =\n  region = nested\n  max_concurrent_requests = 5\n", 2),
+    ],
+)
+def test_keys_are_read_as_botocore_reads_them(before: str, expected_region_lines: int) -> None:
+    after = updated(before, section="profile work", values=VALUES)
+    parsed = configparser.RawConfigParser()
+    parsed.read_string(after)  # strict: a second region would be an error here
+    assert len(parsed.sections()) == 1
+    section = parsed[parsed.sections()[0]]
+    assert section["region"] == "eu-west-1"
+    assert sum("region" in line.lower() for line in after.splitlines()) == expected_region_lines
+    if "s3" in section:
+        assert "max_concurrent_requests = 5" in section["s3"]
+
+
+def test_crlf_files_keep_their_line_endings(tmp_path: Path) -> None:
+    path = tmp_path / "config"
+    path.write_bytes(b"[default]\r\nregion = us-east-1\r\n")
+    write_profile(path, profile="work", values=VALUES)
+    raw = path.read_bytes()
+    assert b"\n" not in raw.replace(b"\r\n", b"")
+    assert raw.startswith(b"[default]\r\nregion = us-east-1\r\n")
+
+
+def test_a_symlinked_config_stays_a_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "dotfiles" / "aws-config"
+    target.parent.mkdir()
+    target.write_text("[default]\nregion = us-east-1\n")
+    link = tmp_path / "config"
+    link.symlink_to(target)
+    write_profile(link, profile="work", values=VALUES)
+    assert link.is_symlink()
+    assert "[profile work]" in target.read_text()
+
+
+def test_a_file_that_would_not_parse_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "config"
+    broken = "[default]\nregion = a\nregion = b\n"
+    path.write_text(broken)
+    with pytest.raises(ValueError, match="would not parse"):
+        write_profile(path, profile="work", values=VALUES)
+    assert path.read_text() == broken

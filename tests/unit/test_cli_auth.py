@@ -78,6 +78,7 @@ def browser_session(**changes: Any) -> WebSession:
         "javascript:alert(1)",
         "//127.0.0.1:5000/cb",
         "http://127.0.0.1:5000\\@evil.example/",
+        "http://localhost:5000/cb",  # RFC 8252 8.3: IP literals, not a name
         "http://" + "a" * 3000,
     ],
 )
@@ -87,7 +88,7 @@ def test_only_a_loopback_redirect_with_a_port_is_accepted(uri: str | None) -> No
 
 
 @pytest.mark.parametrize(
-    "uri", ["http://127.0.0.1:5000/callback", "http://[::1]:80/x", "http://localhost:8/"]
+    "uri", ["http://127.0.0.1:5000/callback", "http://[::1]:80/x", "http://127.8.9.10:8/"]
 )
 def test_loopback_redirects_are_accepted(uri: str) -> None:
     assert check_loopback_redirect(uri) == uri

@@ -988,8 +988,14 @@ class StandInServices(Services):
             policy_arns=(),
         )
 
-    def mint(self, identity: Identity, grant: Grant) -> Issued:
-        self.issued.append({"role_arn": grant.role_arn, "duration_seconds": grant.duration_seconds})
+    def mint(self, identity: Identity, grant: Grant, *, self_renewing: bool = False) -> Issued:
+        self.issued.append(
+            {
+                "role_arn": grant.role_arn,
+                "duration_seconds": grant.duration_seconds,
+                "self_renewing": self_renewing,
+            }
+        )
         return Issued(identity=identity, grant=grant, credentials=CREDS)
 
     def limit_address(self, *_args: object) -> None:
@@ -1119,7 +1125,7 @@ def test_browser_flow_redirects_to_the_sign_in_url(
         "Destination": ["https://eu-west-1.console.aws.amazon.com/ec2/home?region=eu-west-1"],
         "SigninToken": [endpoint.records[-1].signin_token],
     }
-    assert services.issued == [{"role_arn": ROLE, "duration_seconds": 3600}]
+    assert services.issued == [{"role_arn": ROLE, "duration_seconds": 3600, "self_renewing": False}]
     assert endpoint.records[-1].session_duration is None
 
 
@@ -1130,7 +1136,7 @@ def test_browser_flow_with_a_session_duration(
     assert response.status_code == 302
     assert endpoint.records[-1].session_duration == 7200
     # The console session's length is also the credentials' (the rule bounds both).
-    assert services.issued == [{"role_arn": ROLE, "duration_seconds": 7200}]
+    assert services.issued == [{"role_arn": ROLE, "duration_seconds": 7200, "self_renewing": False}]
 
 
 def test_form_post_checks_csrf(signed_in: Flask, endpoint: FederationServer) -> None:
@@ -1205,7 +1211,7 @@ def test_api_session_duration_is_sent_and_reported(
     assert endpoint.records[-1].session_duration == 7200
     assert body["session_source"] == "session_duration"
     assert body["session_duration_seconds"] == 7200
-    assert services.issued == [{"role_arn": ROLE, "duration_seconds": 7200}]
+    assert services.issued == [{"role_arn": ROLE, "duration_seconds": 7200, "self_renewing": False}]
 
 
 def test_api_session_duration_beyond_the_rules_maximum_is_400(
