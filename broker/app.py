@@ -18,6 +18,7 @@ from broker.web import (
     console,
     errors,
     health,
+    issuer,
     pages,
     replay,
     request_id,
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     errors.register(app)
     app.register_blueprint(health.blueprint)
+    app.register_blueprint(issuer.blueprint)
     app.register_blueprint(api.blueprint)
     app.register_blueprint(sso.blueprint)
     app.register_blueprint(console.blueprint)

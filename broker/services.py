@@ -21,6 +21,7 @@ from broker.credentials import CredentialService
 from broker.errors import BrokerError, RateLimited, UnknownProvider
 from broker.http import Http
 from broker.identity import Identity, IdentityIds, hypothetical_token
+from broker.issuer import Issuer
 from broker.memo import ExpiringCache
 from broker.providers import build_providers
 from broker.providers.base import IdentityProvider
@@ -81,6 +82,8 @@ class Services:
     identity_ids: IdentityIds
     sts: STS
     credentials: CredentialService
+    # The broker's own token signer (rules with sts_token = "broker"); build() makes one.
+    issuer: Issuer | None = None
     # Clients built here (not handed in by the caller), closed with the services.
     owned: tuple[Callable[[], None], ...] = ()
     # Answers to repeated identical API requests, per worker (broker.web.replay).
@@ -103,6 +106,7 @@ class Services:
         )
         http = Http(budget_seconds=settings.upstream.budget_seconds)
         owned: tuple[Callable[[], None], ...] = ()
+        issuer = Issuer(settings=settings, store=store)
         if sts is None:
             botocore_sts = BotocoreSTS(settings.sts)
             sts, owned = botocore_sts, (botocore_sts.close,)
@@ -122,11 +126,13 @@ class Services:
                 key=settings.security.identity_key, region=settings.identity.region
             ),
             sts=sts,
+            issuer=issuer,
             credentials=CredentialService(
                 sts=sts,
                 store=store,
                 settings=settings.cache,
                 config_version=settings.config_version,
+                issuer=issuer,
             ),
         )
 

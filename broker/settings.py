@@ -18,6 +18,7 @@ import json
 import os
 import re
 import tomllib
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,14 @@ STS_MIN_DURATION = 900
 STS_MAX_DURATION = 43200
 STS_MAX_POLICY_ARNS = 10
 STS_MAX_INLINE_POLICY_CHARS = 2048
+# Session tags and source identity (AssumeRoleWithWebIdentity, "Passing session tags
+# using AssumeRoleWithWebIdentity" and SourceIdentity in the IAM user guide).
+STS_MAX_TAGS = 50
+STS_MAX_TAG_KEY_CHARS = 128
+STS_MAX_TAG_VALUE_CHARS = 256
+# The broker's own tokens for STS live at most this long: STS reads them once, at the
+# call, so a longer life would only widen what a leaked one is worth.
+ISSUER_MAX_TOKEN_SECONDS = 300
 
 # Clock skew tolerated on exp/nbf/iat. A minute covers phones with drifting clocks and
 # NTP-less containers; more would let a stolen, just-expired token live noticeably longer.
@@ -45,10 +54,37 @@ MAX_UPSTREAM_BUDGET_SECONDS = WORKER_TIMEOUT_SECONDS / 2
 ROLE_ARN_RE = re.compile(r"^arn:aws(?:-cn|-us-gov)?:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
 POLICY_ARN_RE = re.compile(r"^arn:aws(?:-cn|-us-gov)?:iam::(?:\d{12}|aws):policy/[\w+=,.@/-]+$")
 PROVIDER_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# SourceIdentity as STS accepts it (ASCII: `\w` would admit letters STS refuses).
+SOURCE_IDENTITY_RE = re.compile(r"[\w+=,.@-]{2,64}", re.ASCII)
+_TAG_PUNCTUATION = frozenset("_.:/=+-@")
+
+
+def tag_text_ok(text: str) -> bool:
+    """Whether every character of a tag key or value is one STS accepts:
+    ``[\\p{L}\\p{Z}\\p{N}_.:/=+\\-@]`` (letters, separators, numbers and a little
+    punctuation). No quote, brace, dollar, star or control character can get through."""
+    return all(c in _TAG_PUNCTUATION or unicodedata.category(c)[0] in "LZN" for c in text)
+
+
+def tag_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a session tag key, or None."""
+    if not 1 <= len(key) <= STS_MAX_TAG_KEY_CHARS:
+        return f"tag keys are 1 to {STS_MAX_TAG_KEY_CHARS} characters"
+    if not tag_text_ok(key):
+        return "tag keys may hold only letters, digits, spaces and _ . : / = + - @"
+    if key.lower().startswith("aws:"):
+        return "tag keys must not start with aws: (reserved by AWS)"
+    return None
+
 
 Operator = Literal["equals", "not_equals", "contains", "starts_with", "glob", "in"]
 OPERATORS: tuple[Operator, ...] = ("equals", "not_equals", "contains", "starts_with", "glob", "in")
 ProviderType = Literal["oidc", "google", "amazon", "facebook"]
+# Which token STS receives for a rule: the provider's own (IAM trusts the provider) or
+# one the broker signs (IAM trusts the broker; needed for session tags and source identity).
+StsToken = Literal["provider", "broker"]
+STS_TOKENS: tuple[StsToken, ...] = ("provider", "broker")
+IssuerAlgorithm = Literal["RS256", "ES256"]
 
 GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
 GOOGLE_JWKS_URL = "https://www.googleapis.com/oauth2/v3/certs"
@@ -84,6 +120,22 @@ class ServerSettings:
 class AdminSettings:
     # Bearer token for the operator endpoints (POST /v1/explain); None: they are off.
     token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IssuerSettings:
+    """The broker as an OpenID issuer for STS (broker.issuer)."""
+
+    audience: str = "sts.amazonaws.com"  # the `aud` of every broker token
+    algorithm: IssuerAlgorithm = "RS256"  # for generated keys; file keys bring their own
+    token_seconds: int = ISSUER_MAX_TOKEN_SECONDS
+    # PEM private keys from files: the first signs, all are published. Empty: keys are
+    # generated and kept sealed in Redis, shared by every node.
+    key_pems: tuple[bytes, ...] = field(default=(), repr=False)
+    # Generated keys: a new one is made after this long, published publish_ahead_seconds
+    # before it signs anything, so verifiers that cache the JWKS already know it.
+    rotate_after_seconds: int = 30 * 86400
+    publish_ahead_seconds: int = 3600
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,6 +319,23 @@ class RuleSettings:
     max_duration_seconds: int
     session_policy: Mapping[str, Any] | None  # a JSON policy template
     policy_arns: tuple[str, ...]
+    sts_token: StsToken = "provider"  # noqa: S105 - a kind of token, not a secret
+    principal_tags: tuple[tuple[str, TagSource], ...] = ()  # tag key -> where its value is
+    transitive_tag_keys: tuple[str, ...] = ()
+    source_identity_claim: str | None = None
+
+    @property
+    def broker_token(self) -> bool:
+        """Whether STS receives the broker's own token for this rule."""
+        return self.sts_token == "broker"  # noqa: S105 - a kind of token, not a secret
+
+
+@dataclass(frozen=True, kw_only=True)
+class TagSource:
+    """A session tag's value: a verified claim (dotted path) or a fixed value."""
+
+    claim: str | None = None
+    value: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -290,6 +359,7 @@ class Settings:
     source: str  # where the config came from, for messages
     upstream: UpstreamSettings = UpstreamSettings()
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    issuer: IssuerSettings = IssuerSettings()
 
 
 # --------------------------------------------------------------------------- reading
@@ -598,6 +668,46 @@ def _cache(r: _Reader) -> CacheSettings:
     return s
 
 
+def _issuer(r: _Reader, base_dir: Path) -> IssuerSettings:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    pems: list[bytes] = []
+    for name in r.str_list("key_files", ()):
+        path = (base_dir / name).expanduser()
+        try:
+            pem = path.read_bytes()
+            key = load_pem_private_key(pem, password=None)
+        except OSError as exc:
+            r.problem("key_files", f"cannot read {path}: {exc.strerror}")
+            continue
+        except (ValueError, TypeError):
+            r.problem("key_files", f"{path} is not an unencrypted PEM private key")
+            continue
+        if (isinstance(key, rsa.RSAPrivateKey) and key.key_size >= 2048) or (
+            isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)
+        ):
+            pems.append(pem)
+        else:
+            # What RS256 and ES256 sign with; IAM accepts nothing weaker.
+            r.problem("key_files", f"{path} must hold an RSA key of 2048+ bits or a P-256 key")
+    algorithm = r.text("algorithm", "RS256")
+    if algorithm not in {"RS256", "ES256"}:
+        r.problem("algorithm", f"must be RS256 or ES256, got {algorithm!r}")
+    s = IssuerSettings(
+        audience=r.text("audience", "sts.amazonaws.com"),
+        algorithm=algorithm if algorithm in {"RS256", "ES256"} else "RS256",
+        token_seconds=r.integer(
+            "token_seconds", ISSUER_MAX_TOKEN_SECONDS, lo=60, hi=ISSUER_MAX_TOKEN_SECONDS
+        ),
+        key_pems=tuple(pems),
+        rotate_after_seconds=r.integer("rotate_after_seconds", 30 * 86400, lo=3600, hi=366 * 86400),
+        publish_ahead_seconds=r.integer("publish_ahead_seconds", 3600, lo=0, hi=7 * 86400),
+    )
+    r.finish()
+    return s
+
+
 def _upstream(r: _Reader) -> UpstreamSettings:
     s = UpstreamSettings(
         budget_seconds=r.number("budget_seconds", 10.0, lo=0.5, hi=MAX_UPSTREAM_BUDGET_SECONDS),
@@ -843,6 +953,77 @@ def _session_policy(r: _Reader, base_dir: Path) -> Mapping[str, Any] | None:
     return cast(Mapping[str, Any], inline)
 
 
+def _token_fields(
+    r: _Reader,
+) -> tuple[StsToken, tuple[tuple[str, TagSource], ...], tuple[str, ...], str | None]:
+    """A rule's sts_token, principal_tags, transitive_tag_keys and source_identity_claim."""
+    sts_token = r.text("sts_token", "provider")
+    if sts_token not in STS_TOKENS:
+        r.problem("sts_token", f"must be one of {', '.join(STS_TOKENS)}, got {sts_token!r}")
+        sts_token = "provider"  # noqa: S105 - a kind of token, not a secret
+    principal_tags = _principal_tags(r)
+    transitive = r.str_list("transitive_tag_keys", ())
+    tag_keys = {k for k, _ in principal_tags}
+    for key in transitive:
+        if key not in tag_keys:
+            r.problem("transitive_tag_keys", f"{key!r} is not one of the rule's principal_tags")
+    source_identity_claim = r.opt_str("source_identity_claim")
+    if (principal_tags or source_identity_claim) and sts_token != "broker":  # noqa: S105 - a kind of token, not a secret
+        # Only the broker's own token can carry tags and a source identity: the
+        # provider's token says what the provider put in it, nothing more.
+        r.problem(
+            "sts_token",
+            'session tags and source identity need sts_token = "broker" (the broker\'s '
+            "own token carries them; the provider's cannot)",
+        )
+    return sts_token, principal_tags, transitive, source_identity_claim
+
+
+def _principal_tags(r: _Reader) -> tuple[tuple[str, TagSource], ...]:
+    """``principal_tags = { key = { claim = "dotted.path" } | { value = "fixed" } }``."""
+    raw = r.raw("principal_tags")
+    if raw is _MISSING:
+        return ()
+    if not isinstance(raw, Mapping):
+        r.problem("principal_tags", "must be a table: KEY = { claim = ... } or { value = ... }")
+        return ()
+    out: list[tuple[str, TagSource]] = []
+    seen: set[str] = set()
+    for key, spec in raw.items():
+        where = f"principal_tags.{key}"
+        if (problem := tag_key_problem(key)) is not None:
+            r.problem(where, problem)
+            continue
+        if key.lower() in seen:
+            # STS compares tag keys without regard to case: two would be a duplicate.
+            r.problem(where, "another tag key differs from it only in case")
+            continue
+        seen.add(key.lower())
+        if not isinstance(spec, Mapping) or set(spec) not in ({"claim"}, {"value"}):
+            r.problem(where, 'must be { claim = "NAME" } or { value = "TEXT" }')
+            continue
+        if "claim" in spec:
+            if not isinstance(spec["claim"], str) or not spec["claim"].strip():
+                r.problem(f"{where}.claim", "must be a non-empty claim name")
+                continue
+            out.append((key, TagSource(claim=spec["claim"])))
+            continue
+        value = spec["value"]
+        if not isinstance(value, str):
+            r.problem(f"{where}.value", "must be a string")
+        elif len(value) > STS_MAX_TAG_VALUE_CHARS or not tag_text_ok(value):
+            r.problem(
+                f"{where}.value",
+                f"tag values are at most {STS_MAX_TAG_VALUE_CHARS} letters, digits, "
+                "spaces and _ . : / = + - @",
+            )
+        else:
+            out.append((key, TagSource(value=value)))
+    if len(raw) > STS_MAX_TAGS:
+        r.problem("principal_tags", f"STS accepts at most {STS_MAX_TAGS} session tags")
+    return tuple(out)
+
+
 def _condition(r: _Reader) -> Condition | None:
     claim = r.text("claim")
     op = r.text("op")
@@ -899,6 +1080,7 @@ def _rule(
             r.problem("policy_arns", f"{arn!r} is not an IAM policy ARN")
     if len(policy_arns) > STS_MAX_POLICY_ARNS:
         r.problem("policy_arns", f"STS accepts at most {STS_MAX_POLICY_ARNS} policy ARNs")
+    sts_token, principal_tags, transitive, source_identity_claim = _token_fields(r)
     max_duration = r.integer("max_duration_seconds", 3600, lo=STS_MIN_DURATION, hi=STS_MAX_DURATION)
     default_duration = r.integer(
         "default_duration_seconds",
@@ -925,6 +1107,10 @@ def _rule(
         max_duration_seconds=max_duration,
         session_policy=_session_policy(r, base),
         policy_arns=policy_arns,
+        sts_token=sts_token,
+        principal_tags=principal_tags,
+        transitive_tag_keys=transitive,
+        source_identity_claim=source_identity_claim,
     )
     r.finish()
     if rule.session_policy is not None and len(problems) == before:
@@ -979,6 +1165,7 @@ def settings_from_mapping(
         "metrics": _metrics,
     }
     built = {name: fn(top.table(name)) for name, fn in sections.items()}
+    issuer = _issuer(top.table("issuer"), base)
     providers = _providers(top.table("providers"))
     if not providers:
         problems.append("providers: configure at least one identity provider")
@@ -1014,6 +1201,7 @@ def settings_from_mapping(
         **built,
         providers=providers,
         rules=tuple(rules),
+        issuer=issuer,
         config_version=version,
         source=source,
     )
