@@ -179,21 +179,23 @@ class Issuer:
         )
 
     def signing_key(self) -> SigningKey:
-        now = self._clock()
-        active = [k for k in self._ring() if k.activates_at <= now]
+        ring = self._ring()
+        now = self._clock()  # after _ring(), which may have made a key just now
+        active = [k for k in ring if k.activates_at <= now]
         if not active:
             raise ConfigurationError("the broker has no signing key for its tokens yet")
         return max(active, key=lambda k: (k.activates_at, k.created))
 
     def published(self) -> list[SigningKey]:
+        ring = self._ring()
         now = self._clock()
-        return [k for k in self._ring() if (until := self._unpublish_at(k)) is None or now < until]
+        return [k for k in ring if (until := self._unpublish_at(k)) is None or now < until]
 
     # -- operations (broker keys ...) ---------------------------------------------------
 
     def states(self) -> list[KeyState]:
-        now = self._clock()
         current = self.signing_key().kid
+        now = self._clock()
         out = []
         for k in self.published():
             state = (

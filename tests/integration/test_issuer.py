@@ -1,0 +1,244 @@
+"""The broker as an OpenID issuer, proven the way IAM would check it.
+
+moto does not validate web identity tokens, so these tests do: they take the
+``WebIdentityToken`` each ``AssumeRoleWithWebIdentity`` carried (moto's recorder), fetch
+the broker's discovery document and JWKS over HTTP, verify the token with joserfc (an
+independent JOSE library, not the broker's code) and check every claim. Key rotation
+runs across two broker apps sharing Redis and a third process (``broker keys rotate``),
+with a token signed just before the rotation verified after it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import requests
+from joserfc import jwt
+from joserfc.jwk import KeySet
+
+from broker.devstack.stack import DEV_PROVIDER, USER_ROLE, Stack, dump_toml
+from broker.issuer import SOURCE_IDENTITY_CLAIM, TAGS_CLAIM
+from broker.sts import BotocoreSTS
+from tests.integration.aws_fixtures import LocalAWS, Recording
+from tests.integration.test_api import CREDENTIALS, Counted, assert_error, real_sts, running
+
+pytestmark = pytest.mark.integration
+
+__all__ = ["real_sts"]
+
+AUDIENCE = "sts.amazonaws.com"
+
+
+def abac_rule(**changes: Any) -> dict[str, Any]:
+    rule: dict[str, Any] = {
+        "name": "abac",
+        "providers": [DEV_PROVIDER],
+        "conditions": [{"claim": "email", "op": "glob", "value": "*@example.com"}],
+        "require_email_verified": True,
+        "roles": [USER_ROLE],
+        "sts_token": "broker",
+        "principal_tags": {
+            "username": {"claim": "preferred_username"},
+            "display": {"claim": "name"},
+            "tier": {"value": "gold"},
+        },
+        "transitive_tag_keys": ["username"],
+        "source_identity_claim": "preferred_username",
+    }
+    rule.update(changes)
+    return rule
+
+
+def recorder(stack: Stack) -> LocalAWS:
+    # Only the recorder is used: no admin keys needed.
+    return LocalAWS(url=stack.moto.url, admin=cast(Any, None))
+
+
+def verify_as_iam(token: str, issuer: str, *, fetch_from: str | None = None) -> jwt.Token:
+    """Discovery, then JWKS, over HTTP; signature and claims checked by joserfc."""
+    base = fetch_from or issuer
+    discovery = requests.get(f"{base}/.well-known/openid-configuration", timeout=10)
+    assert discovery.status_code == 200
+    doc = discovery.json()
+    assert doc["issuer"] == issuer
+    jwks_url = doc["jwks_uri"] if fetch_from is None else f"{base}/.well-known/jwks.json"
+    jwks = requests.get(jwks_url, timeout=10)
+    assert jwks.status_code == 200
+    assert jwks.headers["Content-Type"].startswith("application/jwk-set+json")
+    keys = jwks.json()
+    assert all("d" not in k for k in keys["keys"])
+    decoded = jwt.decode(token, KeySet.import_key_set(keys), algorithms=["RS256", "ES256"])
+    assert decoded.header["alg"] in doc["id_token_signing_alg_values_supported"]
+    jwt.JWTClaimsRegistry(
+        leeway=0,
+        iss={"essential": True, "value": issuer},
+        aud={"essential": True, "value": AUDIENCE},
+        sub={"essential": True},
+        exp={"essential": True},
+        iat={"essential": True},
+    ).validate(decoded.claims)
+    claims = decoded.claims
+    assert 0 < claims["exp"] - claims["iat"] <= 300
+    assert abs(claims["iat"] - time.time()) < 60
+    return decoded
+
+
+def only_token(recording: Recording) -> dict[str, str]:
+    (call,) = recording.sts_calls()
+    return call
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
+def test_sts_gets_the_broker_token_with_tags_and_source_identity(
+    stack: Stack, real_sts: BotocoreSTS, algorithm: str
+) -> None:
+    with running(stack, real_sts, rules=[abac_rule()], issuer={"algorithm": algorithm}) as broker:
+        aws = recorder(stack)
+        provider_token = broker.live.id_token("alice")
+        with aws.recording() as recording:
+            response = broker.live.post(
+                CREDENTIALS, {"provider": DEV_PROVIDER, "token": provider_token}
+            )
+        assert response.status_code == 200, response.text
+        call = only_token(recording)
+        token = call["WebIdentityToken"]
+        assert token != provider_token  # the provider's token never reaches STS
+        assert "ProviderId" not in call
+        assert call["RoleArn"] == USER_ROLE
+        decoded = verify_as_iam(token, broker.url)
+        claims = decoded.claims
+        assert decoded.header["alg"] == algorithm
+        assert claims["sub"] == response.json()["identity_id"]
+        assert claims["amr"] == ["pwd", "mfa"]
+        assert claims[TAGS_CLAIM] == {
+            "principal_tags": {
+                "username": ["alice"],
+                "display": ["Alice Admin"],
+                "tier": ["gold"],
+            },
+            "transitive_tag_keys": ["username"],
+        }
+        assert claims[SOURCE_IDENTITY_CLAIM] == "alice"
+        assert broker.sts.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("tags", "source", "needle"),
+    [
+        # A list claim cannot be one tag value: refused, not flattened or joined.
+        ({"groups": {"claim": "groups"}}, None, "session tag 'groups'"),
+        ({"missing": {"claim": "department"}}, None, "does not have"),
+        (None, "name", "source identity"),  # "Alice Admin": a space STS refuses
+        (None, "email_verified", "source identity"),  # "true" is fine, but...
+    ],
+    ids=["list claim", "missing claim", "space in source identity", "boolean source identity"],
+)
+def test_claims_that_break_sts_limits_are_refused_before_sts(
+    stack: Stack,
+    real_sts: BotocoreSTS,
+    tags: dict[str, Any] | None,
+    source: str | None,
+    needle: str,
+) -> None:
+    rule = abac_rule(source_identity_claim=source, transitive_tag_keys=[])
+    if tags is not None:
+        rule["principal_tags"] = tags
+    if source is None:
+        rule.pop("source_identity_claim")
+    with running(stack, real_sts, rules=[rule]) as broker:
+        aws = recorder(stack)
+        with aws.recording() as recording:
+            response = broker.ask("alice")
+        if source == "email_verified":
+            # A boolean reads "true" (4 characters, allowed): this row proves the
+            # check is not over-eager, and STS got the broker's token.
+            assert response.status_code == 200, response.text
+            claims = verify_as_iam(only_token(recording)["WebIdentityToken"], broker.url)
+            assert claims.claims[SOURCE_IDENTITY_CLAIM] == "true"
+            return
+        assert needle in assert_error(response, 403, "access_denied")
+        assert recording.sts_calls() == []
+        assert broker.sts.calls == 0
+
+
+def test_issuer_documents_are_404_without_a_broker_rule(
+    stack: Stack, real_sts: BotocoreSTS
+) -> None:
+    with running(stack, real_sts) as broker:  # the dev rules: provider tokens only
+        for path in ("/.well-known/openid-configuration", "/.well-known/jwks.json"):
+            response = requests.get(broker.url + path, timeout=10)
+            assert_error(response, 404, "not_found")
+
+
+@pytest.fixture
+def shared_brokers(
+    stack: Stack, real_sts: BotocoreSTS, tmp_path: Path
+) -> Iterator[tuple[Counted, Counted, Path]]:
+    """Two broker apps behind one public URL, sharing Redis keys, and their config file."""
+    prefix = f"test:issuer:{time.time_ns()}:"
+    with running(stack, real_sts, rules=[abac_rule()], redis={"key_prefix": prefix}) as first:
+        public = {"public_url": first.url}
+        overrides: dict[str, Any] = {
+            "rules": [abac_rule()],
+            "redis": {"key_prefix": prefix},
+            "server": public,
+        }
+        with running(stack, real_sts, **overrides) as second:
+            config = stack.config(first.url)
+            config.update(rules=[abac_rule()])
+            config["redis"]["key_prefix"] = prefix
+            path = tmp_path / "broker.toml"
+            path.write_text(dump_toml(config))
+            yield first, second, path
+
+
+def broker_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broker.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_rotation_across_two_brokers_sharing_redis(
+    stack: Stack, shared_brokers: tuple[Counted, Counted, Path]
+) -> None:
+    first, second, config = shared_brokers
+    issuer = first.url
+    aws = recorder(stack)
+    with aws.recording() as recording:
+        assert first.ask("alice", duration_seconds=900).status_code == 200
+    before = only_token(recording)["WebIdentityToken"]  # signed just before the rotation
+    old_kid = verify_as_iam(before, issuer).header["kid"]
+
+    listed = broker_cli("keys", "list", "--config", str(config), "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [(k["kid"], k["state"]) for k in json.loads(listed.stdout)] == [(old_kid, "current")]
+
+    rotated = broker_cli("keys", "rotate", "--config", str(config), "--publish-ahead", "0")
+    assert rotated.returncode == 0, rotated.stderr
+    assert old_kid not in rotated.stdout
+
+    with aws.recording() as recording:
+        # Another duration: a new cache entry, so a new STS call, on the other broker.
+        assert second.ask("alice", duration_seconds=1000).status_code == 200
+    after = only_token(recording)["WebIdentityToken"]
+    new_kid = verify_as_iam(after, issuer, fetch_from=second.url).header["kid"]
+    assert new_kid != old_kid
+
+    # Both processes publish both keys: the old token still verifies everywhere.
+    for base in (first.url, second.url):
+        verify_as_iam(before, issuer, fetch_from=base)
+        verify_as_iam(after, issuer, fetch_from=base)
+    listed = broker_cli("keys", "list", "--config", str(config), "--json")
+    states = {k["kid"]: k["state"] for k in json.loads(listed.stdout)}
+    assert states == {old_kid: "retiring", new_kid: "current"}
