@@ -23,11 +23,14 @@ import requests
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
+from broker.devstack.processes import free_port
 from broker.devstack.stack import DEV_PROVIDER, USER_ROLE, Stack, dump_toml
 from broker.issuer import SOURCE_IDENTITY_CLAIM, TAGS_CLAIM
 from broker.sts import BotocoreSTS
+from tests.conftest import make_settings, serve
 from tests.integration.aws_fixtures import LocalAWS, Recording
 from tests.integration.test_api import CREDENTIALS, Counted, assert_error, real_sts, running
+from tests.integration.test_sso_flow import WebClient, rewrite_session
 
 pytestmark = pytest.mark.integration
 
@@ -242,3 +245,40 @@ def test_rotation_across_two_brokers_sharing_redis(
     listed = broker_cli("keys", "list", "--config", str(config), "--json")
     states = {k["kid"]: k["state"] for k in json.loads(listed.stdout)}
     assert states == {old_kid: "retiring", new_kid: "current"}
+
+
+def test_web_session_with_the_broker_token_outlives_the_provider_token(
+    stack: Stack,
+) -> None:
+    port = free_port()
+    settings = make_settings(
+        stack,
+        f"http://127.0.0.1:{port}",
+        rules=[abac_rule()],
+        rate_limit={"per_ip_per_minute": 0, "per_identity_per_minute": 0},
+    )
+    for live in serve(settings, stack, port):
+        web = WebClient(live)
+        web.login("alice")
+        session_id = web.session_id()
+        assert session_id is not None
+        # The provider's token expired long ago and cannot be refreshed...
+        rewrite_session(
+            live, session_id, token_expires_at=int(time.time()) - 3600, refresh_token=None
+        )
+        assert web.get("/v1/session").json()["token_expired"] is False
+        aws = recorder(stack)
+        with aws.recording() as recording:
+            r = web.post("/v1/session/credentials", json={}, headers={"X-CSRF-Token": web.csrf()})
+        # ...yet the session mints: STS gets the broker's token, not the provider's.
+        assert r.status_code == 200, r.text
+        claims = verify_as_iam(only_token(recording)["WebIdentityToken"], live.url).claims
+        assert claims[SOURCE_IDENTITY_CLAIM] == "alice"
+        # The session's own absolute lifetime still ends it.
+        absolute = settings.web.session_absolute_seconds
+        rewrite_session(live, session_id, created_at=int(time.time()) - absolute - 1)
+        r = web.post("/v1/session/credentials", json={}, headers={"X-CSRF-Token": "x"})
+        assert r.status_code == 401, r.text
+        assert r.json()["error"] == "unauthenticated"
+        assert web.get("/v1/session").status_code == 401
+        web.http.close()
