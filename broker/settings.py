@@ -79,7 +79,7 @@ def tag_key_problem(key: str) -> str | None:
 
 Operator = Literal["equals", "not_equals", "contains", "starts_with", "glob", "in"]
 OPERATORS: tuple[Operator, ...] = ("equals", "not_equals", "contains", "starts_with", "glob", "in")
-ProviderType = Literal["oidc", "google", "amazon", "facebook"]
+ProviderType = Literal["oidc", "google", "developer", "amazon", "facebook"]
 # Which token STS receives for a rule: the provider's own (IAM trusts the provider) or
 # one the broker signs (IAM trusts the broker; needed for session tags and source identity).
 StsToken = Literal["provider", "broker"]
@@ -245,7 +245,9 @@ class MetricsSettings:
 @dataclass(frozen=True, kw_only=True)
 class OIDCProviderSettings:
     name: str
-    type: Literal["oidc", "google"]
+    # "developer": tokens signed by the operator's own backend, keys from a JWKS file
+    # (static_jwks), no discovery; API only, and only with the broker's token for STS.
+    type: Literal["oidc", "google", "developer"]
     display_name: str
     issuers: tuple[str, ...]  # accepted `iss` values, compared exactly
     client_ids: tuple[str, ...]  # accepted `aud` values
@@ -262,6 +264,7 @@ class OIDCProviderSettings:
     # Browser flow (issue: web SSO); empty when the provider is API-only.
     client_secret: str | None = field(default=None, repr=False)
     scopes: tuple[str, ...] = ("openid", "email", "profile")
+    static_jwks: Mapping[str, Any] | None = None  # a JWKS document (developer providers)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -823,8 +826,40 @@ def _metrics(r: _Reader) -> MetricsSettings:
     return s
 
 
+def _developer_jwks(r: _Reader) -> Mapping[str, Any] | None:
+    """A developer provider's keys: ``jwks_file`` (read into ``jwks`` by the loader) or
+    inline ``jwks``, checked now so a bad file stops the start."""
+    from broker.jwks import MalformedDocument, parse_key_set
+
+    raw = r.raw("jwks")
+    if raw is _MISSING:
+        r.problem("jwks_file", "a developer provider needs its backend's keys (a JWKS file)")
+        return None
+    try:
+        document = json.loads(raw) if isinstance(raw, str) else raw
+        keys = document.get("keys") if isinstance(document, dict) else None
+        if isinstance(keys, list) and any(
+            isinstance(jwk, dict) and {"d", "p", "q", "dp", "dq", "qi", "k"} & set(jwk)
+            for jwk in keys
+        ):
+            # The broker verifies; the backend alone must hold the private half.
+            r.problem("jwks_file", "holds a private or symmetric key: publish public keys only")
+            return None
+        parse_key_set(document)
+    except (ValueError, MalformedDocument) as exc:
+        r.problem("jwks_file", f"is not a usable JSON Web Key Set: {exc}")
+        return None
+    return cast(Mapping[str, Any], document)
+
+
 def _oidc_provider(name: str, kind: str, r: _Reader) -> OIDCProviderSettings:
     google = kind == "google"
+    developer = kind == "developer"
+    static_jwks = _developer_jwks(r) if developer else None
+    if developer:
+        for key in ("jwks_url", "discovery_url", "client_secret"):
+            if r.raw(key) is not _MISSING:
+                r.problem(key, "a developer provider takes its keys from jwks_file, API only")
     issuer = r.opt_url("issuer")
     issuers = r.str_list("issuers", GOOGLE_ISSUERS if google else ())
     if issuer:
@@ -836,7 +871,7 @@ def _oidc_provider(name: str, kind: str, r: _Reader) -> OIDCProviderSettings:
         discovery_url = discovery_url or GOOGLE_DISCOVERY_URL
     elif not issuers:
         r.problem("issuer", "is required for an oidc provider")
-    elif not jwks_url and not discovery_url:
+    elif not jwks_url and not discovery_url and not developer:
         discovery_url = issuers[0].rstrip("/") + "/.well-known/openid-configuration"
     algorithms = r.str_list("algorithms", ("RS256",), nonempty=True)
     for alg in algorithms:
@@ -846,7 +881,7 @@ def _oidc_provider(name: str, kind: str, r: _Reader) -> OIDCProviderSettings:
             r.problem("algorithms", f"{alg!r} is not an allowed asymmetric algorithm")
     s = OIDCProviderSettings(
         name=name,
-        type="google" if google else "oidc",
+        type="google" if google else "developer" if developer else "oidc",
         display_name=r.text("display_name", "Google" if google else name),
         issuers=issuers,
         client_ids=r.str_list("client_ids", nonempty=True),
@@ -861,6 +896,7 @@ def _oidc_provider(name: str, kind: str, r: _Reader) -> OIDCProviderSettings:
         require_nonce=r.flag("require_nonce", False),
         client_secret=r.opt_str("client_secret"),
         scopes=r.str_list("scopes", ("openid", "email", "profile")),
+        static_jwks=static_jwks,
     )
     r.finish()
     return s
@@ -913,14 +949,14 @@ def _providers(r: _Reader) -> dict[str, ProviderSettings]:
         if not PROVIDER_NAME_RE.match(name):
             r.problem(name, "provider names are lowercase letters, digits, - and _")
         kind = sub.text("type", name if name in {"google", "amazon", "facebook"} else "oidc")
-        if kind in {"oidc", "google"}:
+        if kind in {"oidc", "google", "developer"}:
             out[name] = _oidc_provider(name, kind, sub)
         elif kind == "amazon":
             out[name] = _amazon_provider(name, sub)
         elif kind == "facebook":
             out[name] = _facebook_provider(name, sub)
         else:
-            sub.problem("type", "must be one of oidc, google, amazon, facebook")
+            sub.problem("type", "must be one of oidc, google, developer, amazon, facebook")
     return out
 
 
@@ -1081,6 +1117,12 @@ def _rule(
     if len(policy_arns) > STS_MAX_POLICY_ARNS:
         r.problem("policy_arns", f"STS accepts at most {STS_MAX_POLICY_ARNS} policy ARNs")
     sts_token, principal_tags, transitive, source_identity_claim = _token_fields(r)
+    for p in rule_providers:
+        kind = getattr(providers.get(p), "type", None)
+        if kind == "developer" and sts_token != "broker":  # noqa: S105 - a kind of token
+            # IAM has never heard of the operator's backend: only the broker's token,
+            # vouching for the identity it verified, can reach STS.
+            r.problem("sts_token", f'provider {p!r} is a developer provider: needs "broker"')
     max_duration = r.integer("max_duration_seconds", 3600, lo=STS_MIN_DURATION, hi=STS_MAX_DURATION)
     default_duration = r.integer(
         "default_duration_seconds",

@@ -31,6 +31,7 @@ from tests.conftest import make_settings, serve
 from tests.integration.aws_fixtures import LocalAWS, Recording
 from tests.integration.test_api import CREDENTIALS, Counted, assert_error, real_sts, running
 from tests.integration.test_sso_flow import WebClient, rewrite_session
+from tests.unit.oidc_fixtures import claims, rsa_key, sign
 
 pytestmark = pytest.mark.integration
 
@@ -282,3 +283,48 @@ def test_web_session_with_the_broker_token_outlives_the_provider_token(
         assert r.json()["error"] == "unauthenticated"
         assert web.get("/v1/session").status_code == 401
         web.http.close()
+
+
+def test_developer_identities_reach_sts_through_the_broker_token(
+    stack: Stack, real_sts: BotocoreSTS, tmp_path: Path
+) -> None:
+    """An app backend signs for its users with a key listed in a JWKS file; IAM never
+    hears of the backend, only of the broker."""
+    backend = rsa_key("backend-1")
+    jwks = tmp_path / "backend-jwks.json"
+    jwks.write_text(json.dumps({"keys": [backend.public_jwk()]}))
+    provider = {
+        "type": "developer",
+        "issuer": "https://backend.example.com",
+        "client_ids": ["my-app"],
+        "jwks_file": str(jwks),
+    }
+    rule = {
+        "name": "app-users",
+        "providers": ["app"],
+        "conditions": [{"claim": "plan", "op": "in", "value": ["free", "pro"]}],
+        "roles": [USER_ROLE],
+        "sts_token": "broker",
+        "principal_tags": {"plan": {"claim": "plan"}},
+    }
+    with running(stack, real_sts, providers={"app": provider}, rules=[rule]) as broker:
+        token = sign(
+            backend,
+            claims(issuer="https://backend.example.com", audience="my-app", sub="u-42", plan="pro"),
+        )
+        with recorder(stack).recording() as recording:
+            response = broker.live.post(CREDENTIALS, {"provider": "app", "token": token})
+        assert response.status_code == 200, response.text
+        sent = only_token(recording)["WebIdentityToken"]
+        assert sent != token
+        verified = verify_as_iam(sent, broker.url).claims
+        assert verified["sub"] == response.json()["identity_id"]
+        assert verified[TAGS_CLAIM]["principal_tags"] == {"plan": ["pro"]}
+
+        forged = sign(
+            rsa_key("backend-1", label="attacker"),
+            claims(issuer="https://backend.example.com", audience="my-app", plan="pro"),
+        )
+        refused = broker.live.post(CREDENTIALS, {"provider": "app", "token": forged})
+        assert_error(refused, 401, "invalid_token")
+        assert broker.sts.calls == 1
