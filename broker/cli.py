@@ -504,7 +504,7 @@ def cmd_iam_setup(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    if not iam_setup.broker_rules(settings):
+    if not iam_setup.issuer_in_use(settings):
         print(
             'iam-setup: no rule uses sts_token = "broker"; IAM trusts the providers directly',
             file=sys.stderr,

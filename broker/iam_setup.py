@@ -7,7 +7,9 @@ thumbprint) and, for every role such rules grant, a trust policy that lets
 ``issuer.audience`` and ``sub`` an identity id of the broker (``<identity.region>:*``),
 plus ``sts:TagSession`` when a rule granting the role sets session tags and
 ``sts:SetSourceIdentity`` when one sets a source identity (STS refuses the call without
-them). Three spellings of the same documents: IAM JSON, CloudFormation and Terraform JSON.
+them). With guests on, the guest role also requires ``amr`` "unauthenticated" and every
+other role refuses it. Three spellings of the same documents: IAM JSON, CloudFormation
+and Terraform JSON.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import re
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from broker.guest import GUEST_AMR
 from broker.settings import RuleSettings, Settings
 
 Format = Literal["iam", "cloudformation", "terraform"]
@@ -37,6 +40,15 @@ def broker_rules(settings: Settings) -> tuple[RuleSettings, ...]:
     return tuple(r for r in settings.rules if r.broker_token)
 
 
+def issuer_in_use(settings: Settings) -> bool:
+    """Whether STS ever gets the broker's token: a rule asks for it, or guests are on."""
+    return bool(broker_rules(settings)) or settings.guest.enabled
+
+
+def guest_role(settings: Settings) -> str | None:
+    return settings.guest.role_arn if settings.guest.enabled else None
+
+
 def _role_account(role_arn: str) -> str:
     return role_arn.split(":")[4]
 
@@ -51,6 +63,18 @@ def trust_policy(settings: Settings, role_arn: str, provider: Any = None) -> dic
     if any(r.source_identity_claim for r in rules):
         actions.append("sts:SetSourceIdentity")
     host = provider_host(settings)
+    conditions: dict[str, Any] = {
+        "StringEquals": {f"{host}:aud": settings.issuer.audience},
+        # Every identity id the broker issues has this form; the broker's rules decide
+        # who gets one of them for this role.
+        "StringLike": {f"{host}:sub": f"{settings.identity.region}:*"},
+    }
+    if role_arn == guest_role(settings):
+        # Guest tokens carry amr ["unauthenticated"] (as Cognito's guest identities).
+        conditions["ForAnyValue:StringLike"] = {f"{host}:amr": GUEST_AMR}
+    elif guest_role(settings) is not None:
+        # ...and a role for signed-in people never takes a guest's token.
+        conditions["ForAllValues:StringNotLike"] = {f"{host}:amr": GUEST_AMR}
     return {
         "Version": "2012-10-17",
         "Statement": [
@@ -60,19 +84,16 @@ def trust_policy(settings: Settings, role_arn: str, provider: Any = None) -> dic
                     "Federated": provider or provider_arn(settings, _role_account(role_arn))
                 },
                 "Action": actions,
-                "Condition": {
-                    "StringEquals": {f"{host}:aud": settings.issuer.audience},
-                    # Every identity id the broker issues has this form; the broker's
-                    # rules decide who gets one of them for this role.
-                    "StringLike": {f"{host}:sub": f"{settings.identity.region}:*"},
-                },
+                "Condition": conditions,
             }
         ],
     }
 
 
 def roles(settings: Settings) -> list[str]:
-    return sorted({role for r in broker_rules(settings) for role in r.roles})
+    found = {role for r in broker_rules(settings) for role in r.roles}
+    guest = guest_role(settings)
+    return sorted(found | {guest} if guest else found)
 
 
 def _role_name(role_arn: str) -> str:

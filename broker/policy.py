@@ -150,7 +150,11 @@ def _sample_value(name: str) -> str:
 
 def check_template(rule: RuleSettings) -> list[str]:
     """Problems with ``rule``'s session policy template, found at load time."""
-    template = rule.session_policy
+    return check_policy_template(rule.session_policy)
+
+
+def check_policy_template(template: Mapping[str, Any] | None) -> list[str]:
+    """Problems with a session policy template (a rule's or the guests'), at load time."""
     if template is None:
         return []
     problems: list[str] = []

@@ -139,6 +139,21 @@ class IssuerSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GuestSettings:
+    """Guest identities (broker.guest): off unless enabled and given a role."""
+
+    enabled: bool = False
+    role_arn: str | None = None
+    duration_seconds: int = 900
+    session_policy: Mapping[str, Any] | None = None  # a template, as for rules
+    # Strict, per client address, shared by every process: new guests an hour, and
+    # requests (new or returning) a minute.
+    new_per_ip_per_hour: int = 10
+    per_ip_per_minute: int = 20
+    token_days: int = 90  # how long a device may come back as the same guest
+
+
+@dataclass(frozen=True, kw_only=True)
 class RedisSettings:
     url: str
     key_prefix: str
@@ -363,6 +378,7 @@ class Settings:
     upstream: UpstreamSettings = UpstreamSettings()
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     issuer: IssuerSettings = IssuerSettings()
+    guest: GuestSettings = GuestSettings()
 
 
 # --------------------------------------------------------------------------- reading
@@ -708,6 +724,35 @@ def _issuer(r: _Reader, base_dir: Path) -> IssuerSettings:
         publish_ahead_seconds=r.integer("publish_ahead_seconds", 3600, lo=0, hi=7 * 86400),
     )
     r.finish()
+    return s
+
+
+def _guest(r: _Reader, base_dir: Path, rules: Iterable[RuleSettings]) -> GuestSettings:
+    enabled = r.flag("enabled", False)
+    role = r.opt_str("role_arn")
+    if role is not None and not ROLE_ARN_RE.match(role):
+        r.problem("role_arn", f"{role!r} is not an IAM role ARN")
+    if enabled and role is None:
+        r.problem("role_arn", "guest access needs the role guests get")
+    if role is not None and any(role in rule.roles for rule in rules):
+        # The guest role's trust policy admits unauthenticated tokens (amr
+        # "unauthenticated"): a role people sign in for must not be reachable that way.
+        r.problem("role_arn", "must not be a role that rules grant to signed-in identities")
+    s = GuestSettings(
+        enabled=enabled,
+        role_arn=role,
+        duration_seconds=r.integer("duration_seconds", 900, lo=STS_MIN_DURATION, hi=3600),
+        session_policy=_session_policy(r, base_dir),
+        new_per_ip_per_hour=r.integer("new_per_ip_per_hour", 10, lo=1, hi=10_000),
+        per_ip_per_minute=r.integer("per_ip_per_minute", 20, lo=1, hi=10_000),
+        token_days=r.integer("token_days", 90, lo=1, hi=3650),
+    )
+    r.finish()
+    if s.session_policy is not None:
+        from broker.policy import check_policy_template
+
+        where = r.key("session_policy")
+        r.problems.extend(f"{where}: {p}" for p in check_policy_template(s.session_policy))
     return s
 
 
@@ -1225,6 +1270,7 @@ def settings_from_mapping(
             # Explain, /v1/roles and the audit trail name rules: two with one name would
             # make every one of them ambiguous.
             problems.append(f"rules: more than one rule is named {name!r}")
+    guest = _guest(top.table("guest"), base, rules)
     top.finish()
     upstream = built["upstream"]
     if isinstance(upstream, UpstreamSettings):
@@ -1244,6 +1290,7 @@ def settings_from_mapping(
         providers=providers,
         rules=tuple(rules),
         issuer=issuer,
+        guest=guest,
         config_version=version,
         source=source,
     )

@@ -24,7 +24,7 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from broker.devstack.processes import free_port
-from broker.devstack.stack import DEV_PROVIDER, USER_ROLE, Stack, dump_toml
+from broker.devstack.stack import ADMIN_ROLE, DEV_PROVIDER, USER_ROLE, Stack, dump_toml
 from broker.issuer import SOURCE_IDENTITY_CLAIM, TAGS_CLAIM
 from broker.sts import BotocoreSTS
 from tests.conftest import make_settings, serve
@@ -328,3 +328,62 @@ def test_developer_identities_reach_sts_through_the_broker_token(
         refused = broker.live.post(CREDENTIALS, {"provider": "app", "token": forged})
         assert_error(refused, 401, "invalid_token")
         assert broker.sts.calls == 1
+
+
+GUEST_POLICY = {
+    "Version": "2012-10-17",
+    "Statement": [
+        {
+            "Effect": "Allow",
+            "Action": "s3:GetObject",
+            "Resource": "arn:aws:s3:::broker-demo-bucket/guests/${identity_id}/*",
+        }
+    ],
+}
+
+
+def test_guests_are_off_by_default(stack: Stack, real_sts: BotocoreSTS) -> None:
+    with running(stack, real_sts) as broker:
+        assert_error(broker.live.post("/v1/guest", {}), 404, "not_found")
+        assert broker.sts.calls == 0
+
+
+def test_guest_identities(stack: Stack, real_sts: BotocoreSTS) -> None:
+    guest = {
+        "enabled": True,
+        "role_arn": ADMIN_ROLE,  # no rule grants it here
+        "session_policy": GUEST_POLICY,
+        "new_per_ip_per_hour": 2,
+    }
+    with running(stack, real_sts, rules=[abac_rule()], guest=guest) as broker:
+        with recorder(stack).recording() as recording:
+            first = broker.live.post("/v1/guest", {})
+        assert first.status_code == 200, first.text
+        assert first.headers["Cache-Control"] == "no-store"
+        body = first.json()
+        assert body["provider"] == "guest"
+        assert body["role_arn"] == ADMIN_ROLE
+        call = only_token(recording)
+        assert body["identity_id"] in call["Policy"]  # the guest session policy, filled in
+        claims = verify_as_iam(call["WebIdentityToken"], broker.url).claims
+        assert claims["sub"] == body["identity_id"]
+        assert claims["amr"] == ["unauthenticated"]
+        assert TAGS_CLAIM not in claims
+
+        # The device comes back with its token: the same guest, a renewed token.
+        again = broker.live.post("/v1/guest", {"guest_token": body["guest_token"]})
+        assert again.status_code == 200, again.text
+        assert again.json()["identity_id"] == body["identity_id"]
+
+        tampered = body["guest_token"][:-2] + ("AA" if body["guest_token"][-2:] != "AA" else "BB")
+        assert_error(broker.live.post("/v1/guest", {"guest_token": tampered}), 401, "invalid_token")
+        assert_error(broker.live.post("/v1/guest", {"guest_token": 7}), 400, "invalid_request")
+        assert_error(broker.live.post("/v1/guest", {"token": "x"}), 400, "invalid_request")
+
+        # Strict per-address limit on new guests (2 an hour here).
+        assert broker.live.post("/v1/guest", {}).status_code == 200
+        limited = broker.live.post("/v1/guest", {})
+        assert "new guests an hour" in assert_error(limited, 429, "rate_limited")
+        assert limited.headers["Retry-After"] == "3600"
+        # A returning guest is not a new one.
+        assert broker.live.post("/v1/guest", {"guest_token": body["guest_token"]}).ok
