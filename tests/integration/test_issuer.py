@@ -387,3 +387,31 @@ def test_guest_identities(stack: Stack, real_sts: BotocoreSTS) -> None:
         assert limited.headers["Retry-After"] == "3600"
         # A returning guest is not a new one.
         assert broker.live.post("/v1/guest", {"guest_token": body["guest_token"]}).ok
+
+
+@pytest.mark.parametrize(("provider", "user"), [("amazon", "alice"), ("facebook", "bob")])
+def test_access_token_providers_reach_sts_through_the_broker_token(
+    stack: Stack, real_sts: BotocoreSTS, provider: str, user: str
+) -> None:
+    """Login with Amazon and Facebook access tokens: with the broker's token STS gets no
+    ProviderId and no access token, and the tags come from the verified profile."""
+    rule = {
+        "name": f"{provider}-users",
+        "providers": [provider],
+        "conditions": [{"claim": "email", "op": "glob", "value": "*@example.com"}],
+        "roles": [USER_ROLE],
+        "sts_token": "broker",
+        "principal_tags": {"email": {"claim": "email"}},
+    }
+    providers = stack.social.provider_config(limited_login=True, limited_login_sts_ready=True)
+    with running(stack, real_sts, providers=providers, rules=[rule]) as broker:
+        access_token = getattr(stack.social, provider).mint(user)
+        with recorder(stack).recording() as recording:
+            response = broker.live.post(CREDENTIALS, {"provider": provider, "token": access_token})
+        assert response.status_code == 200, response.text
+        call = only_token(recording)
+        assert "ProviderId" not in call
+        assert call["WebIdentityToken"] != access_token
+        verified = verify_as_iam(call["WebIdentityToken"], broker.url).claims
+        assert verified["sub"] == response.json()["identity_id"]
+        assert verified[TAGS_CLAIM]["principal_tags"] == {"email": [f"{user}@example.com"]}
