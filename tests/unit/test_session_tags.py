@@ -5,13 +5,19 @@ value), and what explain shows."""
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from broker import errors, rules
+from broker.cli import format_explanation
+from broker.credentials import CredentialService
+from broker.issuer import Issuer
 from broker.services import explain_claims
 from broker.settings import ConfigError
+from broker.store import Store
+from broker.sts import AssumeRequest, IssuedCredentials
 from tests.unit.issuer_fixtures import ALICE, issuer_config, load
 from tests.unit.issuer_fixtures import identity as make_identity
 
@@ -238,3 +244,54 @@ def test_explain_shows_tags_and_source_identity() -> None:
     assert refused["allowed"] is False
     assert refused["session_tags"] == {}
     assert "session tag 'department'" in refused["error"]["message"]
+
+
+class RecordingSTS:
+    """STS at its interface (the network boundary): records each request, answers with
+    fresh credentials."""
+
+    def __init__(self) -> None:
+        self.requests: list[AssumeRequest] = []
+
+    def assume_role_with_web_identity(self, request: AssumeRequest) -> IssuedCredentials:
+        self.requests.append(request)
+        return IssuedCredentials(
+            access_key_id=f"ASIA{len(self.requests):016d}",
+            secret_access_key="secret",
+            session_token="session",
+            expiration=datetime.now(UTC) + timedelta(hours=1),
+            assumed_role_arn="arn:aws:sts::123456789012:assumed-role/Abac/alice",
+            assumed_role_id="AROA:alice",
+        )
+
+
+def test_credentials_use_the_broker_token_and_are_cached_per_tags(store: Store) -> None:
+    settings = load(issuer_config())
+    sts = RecordingSTS()
+    issuer = Issuer(settings=settings, store=store)
+    service = CredentialService(
+        sts=sts, store=store, settings=settings.cache, config_version="v1", issuer=issuer
+    )
+    alice = make_identity(settings, ALICE)
+    grant = rules.decide(settings.rules, alice)
+    first = service.get(alice, grant)
+    (request,) = sts.requests
+    assert request.provider_id is None
+    assert request.web_identity_token != "provider-token"
+    assert service.get(alice, grant) == first  # cached
+    # The same person with another department claim: other tags, other credentials.
+    moved = make_identity(settings, {**ALICE, "department": "Finance"})
+    regranted = rules.decide(settings.rules, moved)
+    assert moved.identity_id == alice.identity_id
+    assert service.get(moved, regranted) != first
+    assert len(sts.requests) == 2
+    assert len({r.web_identity_token for r in sts.requests}) == 2
+
+
+def test_broker_explain_prints_tags_and_source_identity() -> None:
+    settings = load(issuer_config())
+    text = format_explanation(explain_claims(settings, "corp", ALICE).to_json())
+    assert "token for STS: broker" in text
+    assert '  department = "Engineering" (transitive)' in text
+    assert '  tier = "gold"' in text
+    assert "source identity alice" in text
