@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,6 +24,7 @@ import requests
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
+from broker import iam_setup
 from broker.devstack.processes import free_port
 from broker.devstack.stack import ADMIN_ROLE, DEV_PROVIDER, USER_ROLE, Stack, dump_toml
 from broker.issuer import SOURCE_IDENTITY_CLAIM, TAGS_CLAIM
@@ -131,6 +133,18 @@ def test_sts_gets_the_broker_token_with_tags_and_source_identity(
         }
         assert claims[SOURCE_IDENTITY_CLAIM] == "alice"
         assert broker.sts.calls == 1
+
+        # What broker iam-setup prints for this broker admits exactly this token.
+        docs = json.loads(json.dumps(iam_setup.documents(broker.live.settings, "iam")))
+        assert docs["oidc_provider"]["Url"] == claims["iss"]
+        assert docs["oidc_provider"]["ClientIDList"] == [claims["aud"]]
+        statement = docs["roles"][call["RoleArn"]]["Statement"][0]
+        host = claims["iss"].split("://", 1)[1]
+        assert statement["Principal"]["Federated"].endswith(f":oidc-provider/{host}")
+        assert statement["Condition"]["StringEquals"] == {f"{host}:aud": claims["aud"]}
+        (pattern,) = statement["Condition"]["StringLike"].values()
+        assert fnmatchcase(claims["sub"], pattern)
+        assert {"sts:TagSession", "sts:SetSourceIdentity"} <= set(statement["Action"])
 
 
 @pytest.mark.parametrize(
