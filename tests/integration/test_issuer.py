@@ -342,6 +342,10 @@ def test_developer_identities_reach_sts_through_the_broker_token(
         refused = broker.live.post(CREDENTIALS, {"provider": "app", "token": forged})
         assert_error(refused, 401, "invalid_token")
         assert broker.sts.calls == 1
+        # Nothing to fetch, so nothing that could be down: ready as long as Redis is.
+        ready = requests.get(f"{broker.url}/readyz", timeout=10)
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["providers"]["app"].startswith("ok")
 
 
 GUEST_POLICY = {
