@@ -17,7 +17,9 @@ from broker.web import (
     cli,
     console,
     errors,
+    guest,
     health,
+    issuer,
     pages,
     replay,
     request_id,
@@ -61,6 +63,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     errors.register(app)
     app.register_blueprint(health.blueprint)
+    app.register_blueprint(issuer.blueprint)
+    app.register_blueprint(guest.blueprint)
     app.register_blueprint(api.blueprint)
     app.register_blueprint(sso.blueprint)
     app.register_blueprint(console.blueprint)

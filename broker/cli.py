@@ -1,6 +1,7 @@
 """The ``broker`` command.
 
-Operators: serve | dev | check-config | explain | demo-login | keygen. People at a terminal:
+Operators: serve | dev | check-config | explain | demo-login | keygen | keys list |
+keys rotate | iam-setup. People at a terminal:
 login | logout | credential-process | configure | exec (see broker.client).
 
 A production install (``pip install federation-broker``, no extras) has everything the
@@ -114,7 +115,17 @@ def format_explanation(answer: dict[str, Any]) -> str:
         f"allowed {duration['min']}-{duration['max']})",
         f"session name {answer['session_name']}",
         f"policy ARNs: {', '.join(answer['policy_arns']) or 'none'}",
+        f"token for STS: {answer['sts_token']}",
     ]
+    if answer["session_tags"]:
+        transitive = set(answer["transitive_tag_keys"])
+        lines.append("session tags:")
+        lines += [
+            f"  {k} = {json.dumps(v)}{' (transitive)' if k in transitive else ''}"
+            for k, v in answer["session_tags"].items()
+        ]
+    if answer["source_identity"] is not None:
+        lines.append(f"source identity {answer['source_identity']}")
     if answer["session_policy"] is None:
         lines.append("session policy: none (the role's own policies apply unscoped)")
     else:
@@ -447,6 +458,101 @@ def _add_client_parsers(sub: Any) -> None:
     p.set_defaults(fn=cmd_exec)
 
 
+def _issuer_services(config: str | None) -> Any:
+    from broker.services import Services
+
+    settings = load_settings(config)
+    # A real STS client is not needed to manage keys: hand in one that is never used.
+    return Services.build(settings, sts=_NoSTS())
+
+
+class _NoSTS:
+    def assume_role_with_web_identity(self, request: Any) -> Any:  # pragma: no cover
+        del request
+        raise RuntimeError("broker keys never calls STS")
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from broker.errors import BrokerError
+
+    def when(t: float | None) -> str:
+        return "-" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    try:
+        services = _issuer_services(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    issuer = services.issuer
+    if issuer is None:  # pragma: no cover - Services.build always makes one
+        return 1
+    try:
+        if args.keys_command == "rotate":
+            key = issuer.rotate(publish_ahead_seconds=args.publish_ahead)
+            print(f"next key {key.kid} ({key.alg}) published; signs from {when(key.activates_at)}")
+            return 0
+        states = issuer.states()
+    except BrokerError as exc:
+        print(f"keys: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        services.close()
+    if args.json:
+        print(json.dumps([s.__dict__ for s in states], indent=2))
+        return 0
+    for s in states:
+        print(
+            f"{s.kid}  {s.alg}  {s.state:<8}  {s.source:<5}  signs from {when(s.activates_at)}"
+            f"  until {when(s.retired_at)}  published until {when(s.unpublish_at)}"
+        )
+    return 0
+
+
+def cmd_iam_setup(args: argparse.Namespace) -> int:
+    from broker import iam_setup
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if not iam_setup.issuer_in_use(settings):
+        print(
+            'iam-setup: no rule uses sts_token = "broker"; IAM trusts the providers directly',
+            file=sys.stderr,
+        )
+        return 1
+    print(json.dumps(iam_setup.documents(settings, args.format), indent=2))
+    return 0
+
+
+def _add_issuer_commands(sub: Any) -> None:
+    p = sub.add_parser("keys", help="the broker's signing keys for its own STS tokens")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    k = keys.add_parser("list", help="published keys: next, current and retiring")
+    k.add_argument("--config", help="TOML config file (default: $BROKER_CONFIG)")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(fn=cmd_keys)
+    k = keys.add_parser("rotate", help="publish the next key; it signs after publish_ahead")
+    k.add_argument("--config", help="TOML config file (default: $BROKER_CONFIG)")
+    k.add_argument(
+        "--publish-ahead",
+        type=float,
+        default=None,
+        help="seconds before the new key signs (default: issuer.publish_ahead_seconds)",
+    )
+    k.set_defaults(fn=cmd_keys)
+
+    from broker.iam_setup import FORMATS
+
+    p = sub.add_parser("iam-setup", help="print the IAM OIDC provider and role trust policies")
+    p.add_argument("--config", help="TOML config file (default: $BROKER_CONFIG)")
+    p.add_argument("--format", choices=FORMATS, default="iam")
+    p.set_defaults(fn=cmd_iam_setup)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="broker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -519,6 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="print only the credential_process object (for ~/.aws/config)",
     )
     p.set_defaults(fn=cmd_demo_login)
+
+    _add_issuer_commands(sub)
 
     p = sub.add_parser("keygen", help="fresh random keys for the [security] section")
     p.add_argument(

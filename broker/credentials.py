@@ -1,7 +1,8 @@
 """Credentials for a grant: a Redis cache with singleflight around STS.
 
 Credentials are cached per (identity, role, session policy, policy ARNs, duration,
-config version), sealed in Redis and dropped a safety margin before they expire. The
+config version, and for grants that use the broker's token: session tags, transitive tag
+keys and source identity), sealed in Redis and dropped a safety margin before they expire. The
 cache key is a digest of those values and never involves the provider token, so a
 caller presenting a fresh token for the same identity and grant gets the same
 credentials without another STS call.
@@ -26,8 +27,9 @@ from datetime import datetime
 from typing import Any
 
 from broker import metrics
-from broker.errors import DependencyUnavailable, StoreUnavailable
+from broker.errors import ConfigurationError, DependencyUnavailable, StoreUnavailable
 from broker.identity import Identity
+from broker.issuer import Issuer
 from broker.memo import ExpiringCache
 from broker.policy import session_name
 from broker.rules import Grant
@@ -67,8 +69,10 @@ class CredentialService:
         settings: CacheSettings,
         config_version: str,
         clock: Callable[[], float] = time.time,
+        issuer: Issuer | None = None,
     ) -> None:
         self._sts = sts
+        self._issuer = issuer
         self._store = store
         self._settings = settings
         self._config_version = config_version
@@ -137,12 +141,27 @@ class CredentialService:
 
     def _assume(self, identity: Identity, grant: Grant) -> IssuedCredentials:
         # Built only on a miss: a cache hit needs neither the session name nor the token.
+        token, provider_id = identity.verified.token, identity.verified.sts_provider_id
+        if grant.broker_token:
+            if self._issuer is None:
+                raise ConfigurationError("this grant needs the broker's token, and no issuer")
+            # Signed here, just before the call: the token lives minutes, and STS
+            # reads it once. IAM trusts the broker as an OIDC provider, so no ProviderId.
+            token, provider_id = (
+                self._issuer.sign(
+                    identity,
+                    tags=grant.tags,
+                    transitive_tag_keys=grant.transitive_tag_keys,
+                    source_identity=grant.source_identity,
+                ),
+                None,
+            )
         return self._sts.assume_role_with_web_identity(
             AssumeRequest(
                 role_arn=grant.role_arn,
                 session_name=session_name(identity),
-                web_identity_token=identity.verified.token,
-                provider_id=identity.verified.sts_provider_id,
+                web_identity_token=token,
+                provider_id=provider_id,
                 duration_seconds=grant.duration_seconds,
                 policy=grant.session_policy,
                 policy_arns=grant.policy_arns,
@@ -167,17 +186,25 @@ class CredentialService:
 
     def _digest(self, identity_id: str, grant: Grant) -> str:
         # A JSON array, not a joined string: no two different grants share an encoding.
-        material = json.dumps(
-            [
-                identity_id,
-                grant.role_arn,
-                grant.session_policy,
-                list(grant.policy_arns),
-                grant.duration_seconds,
-                self._config_version,
-            ],
-            separators=(",", ":"),
-        )
+        fields: list[Any] = [
+            identity_id,
+            grant.role_arn,
+            grant.session_policy,
+            list(grant.policy_arns),
+            grant.duration_seconds,
+            self._config_version,
+        ]
+        if grant.broker_token:
+            # Tags and source identity come from claims that may change between two
+            # sign-ins of one identity: credentials carrying the old ones must not be
+            # handed out for the new. (Only for such grants, so other keys stay as they were.)
+            fields += [
+                grant.sts_token,
+                [list(t) for t in grant.tags],
+                list(grant.transitive_tag_keys),
+                grant.source_identity,
+            ]
+        material = json.dumps(fields, separators=(",", ":"))
         return hashlib.sha256(material.encode()).hexdigest()
 
     def _index_key(self, identity_id: str) -> str:

@@ -429,6 +429,22 @@ def key_for_algorithm(jwk: Mapping[str, Any], algorithm: str) -> jwt.PyJWK:
         raise errors.InvalidToken("signing key is unusable") from None
 
 
+class StaticKeySet:
+    """Keys configured by the operator (developer providers): nothing fetched, nothing
+    refreshed; the same lookup rules as ``JWKSCache.get_key``."""
+
+    def __init__(self, document: Any) -> None:
+        self._keys = parse_key_set(document)
+
+    def get_key(self, kid: str | None, *, algorithm: str) -> jwt.PyJWK:
+        jwk = self._keys.find(kid)
+        if jwk is None:
+            if kid is None:
+                raise errors.InvalidToken("token has no key id (kid)")
+            raise errors.InvalidToken("unknown signing key")
+        return self._keys.pyjwk(jwk, algorithm)
+
+
 class JWKSCache:
     """The signing keys of one provider's JWKS URL (see the module docstring)."""
 

@@ -176,6 +176,10 @@ class OAuthFlow:
 
     def client(self, name: str) -> ClientConfig:
         p = self._provider(name)
+        if isinstance(p, OIDCProviderSettings) and p.type == "developer":
+            # The operator's backend signs these tokens for its own users: there is no
+            # sign-in page to send a browser to.
+            raise errors.ConfigurationError(f"provider {name!r} is API-only (developer)")
         if isinstance(p, OIDCProviderSettings):
             return ClientConfig(
                 provider=name,

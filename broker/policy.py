@@ -27,7 +27,14 @@ from typing import Any
 
 from broker import errors
 from broker.identity import Identity
-from broker.settings import STS_MAX_INLINE_POLICY_CHARS, RuleSettings
+from broker.settings import (
+    SOURCE_IDENTITY_RE,
+    STS_MAX_INLINE_POLICY_CHARS,
+    STS_MAX_TAG_VALUE_CHARS,
+    STS_MAX_TAGS,
+    RuleSettings,
+    tag_text_ok,
+)
 
 PLACEHOLDER_RE = re.compile(r"\$\{([^{}]*)\}")
 SIMPLE_PLACEHOLDERS = ("identity_id", "sub", "provider", "email", "aud")
@@ -55,6 +62,19 @@ _SESSION_HASH_CHARS = 10
 
 
 # --------------------------------------------------------------------------- claims
+
+
+def claim_text(value: Any) -> str | None:
+    """A scalar claim as the text conditions compare against; None when not comparable."""
+    if isinstance(value, str):
+        return value
+    # bool before int: bool is an int subclass, and True must read "true", not "1".
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    # Floats have several spellings (1, 1.0, 1e0): refusing them beats guessing.
+    return None
 
 
 def find_claim(claims: Mapping[str, Any], path: str) -> Any:
@@ -130,7 +150,11 @@ def _sample_value(name: str) -> str:
 
 def check_template(rule: RuleSettings) -> list[str]:
     """Problems with ``rule``'s session policy template, found at load time."""
-    template = rule.session_policy
+    return check_policy_template(rule.session_policy)
+
+
+def check_policy_template(template: Mapping[str, Any] | None) -> list[str]:
+    """Problems with a session policy template (a rule's or the guests'), at load time."""
     if template is None:
         return []
     problems: list[str] = []
@@ -223,6 +247,68 @@ def render(template: Mapping[str, Any], identity: Identity) -> str:
         raise errors.ConfigurationError(
             f"the session policy is {len(text)} characters; "
             f"STS accepts at most {STS_MAX_INLINE_POLICY_CHARS}"
+        )
+    return text
+
+
+# --------------------------------------------------------------------------- tags
+
+
+def _tag_claim_text(rule: RuleSettings, claim: str, what: str, identity: Identity) -> str:
+    value = find_claim(identity.claims, claim)
+    if value is None:
+        raise errors.AccessDenied(
+            f"rule {rule.name!r} takes {what} from claim {claim!r}, which this identity "
+            "does not have"
+        )
+    # Only one value per tag (STS): a list or an object claim is refused, not flattened.
+    text = claim_text(value)
+    if text is None:
+        raise errors.AccessDenied(
+            f"rule {rule.name!r} takes {what} from claim {claim!r}, which is not a "
+            "single string, number or boolean for this identity"
+        )
+    return text
+
+
+def render_tags(rule: RuleSettings, identity: Identity) -> tuple[tuple[str, str], ...]:
+    """The rule's session tags filled from ``identity``'s verified claims, each within
+    STS's limits; AccessDenied (403) naming the tag when a claim would break one.
+
+    Values are kept as separate strings and put in the token as JSON values (see
+    broker.issuer): a claim cannot add a tag, a key or a transitive key, and the
+    character check refuses quotes, braces, ``$`` and ``*`` before any STS call.
+    """
+    out: list[tuple[str, str]] = []
+    for key, source in rule.principal_tags:
+        if source.value is not None:
+            out.append((key, source.value))  # checked at load time
+            continue
+        assert source.claim is not None  # settings builds one or the other
+        text = _tag_claim_text(rule, source.claim, f"session tag {key!r}", identity)
+        if len(text) > STS_MAX_TAG_VALUE_CHARS or not tag_text_ok(text):
+            # The value itself is not echoed: it came from the caller's token.
+            raise errors.AccessDenied(
+                f"the value of claim {source.claim!r} cannot be session tag {key!r}: STS "
+                f"accepts at most {STS_MAX_TAG_VALUE_CHARS} letters, digits, spaces and "
+                "_ . : / = + - @"
+            )
+        out.append((key, text))
+    if len(out) > STS_MAX_TAGS:  # settings refuses such rules; this is the backstop
+        raise errors.ConfigurationError(f"rule {rule.name!r} has more than {STS_MAX_TAGS} tags")
+    return tuple(out)
+
+
+def render_source_identity(rule: RuleSettings, identity: Identity) -> str | None:
+    """The source identity from the rule's chosen claim, as STS accepts it, or None."""
+    claim = rule.source_identity_claim
+    if claim is None:
+        return None
+    text = _tag_claim_text(rule, claim, "the source identity", identity)
+    if not SOURCE_IDENTITY_RE.fullmatch(text) or text.lower().startswith("aws:"):
+        raise errors.AccessDenied(
+            f"the value of claim {claim!r} cannot be the source identity: STS accepts 2 to "
+            "64 of A-Z a-z 0-9 _ + = , . @ - and nothing starting with aws:"
         )
     return text
 

@@ -32,12 +32,14 @@ from typing import Any, Literal, NamedTuple
 
 from broker import errors, policy
 from broker.identity import Identity
+from broker.policy import claim_text
 from broker.settings import (
     STS_MAX_DURATION,
     STS_MAX_INLINE_POLICY_CHARS,
     STS_MIN_DURATION,
     Condition,
     RuleSettings,
+    StsToken,
 )
 
 
@@ -50,19 +52,15 @@ class Grant:
     duration_seconds: int
     session_policy: str | None  # rendered, minified JSON
     policy_arns: tuple[str, ...]
+    sts_token: StsToken = "provider"  # noqa: S105 - which token STS receives (broker.issuer)
+    tags: tuple[tuple[str, str], ...] = ()  # session tags, checked against STS limits
+    transitive_tag_keys: tuple[str, ...] = ()
+    source_identity: str | None = None
 
-
-def claim_text(value: Any) -> str | None:
-    """A scalar claim as the text conditions compare against; None when not comparable."""
-    if isinstance(value, str):
-        return value
-    # bool before int: bool is an int subclass, and True must read "true", not "1".
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    # Floats have several spellings (1, 1.0, 1e0): refusing them beats guessing.
-    return None
+    @property
+    def broker_token(self) -> bool:
+        """Whether STS receives the broker's own token (the rule's sts_token)."""
+        return self.sts_token == "broker"  # noqa: S105 - a kind of token, not a secret
 
 
 def _scalar_holds(condition: Condition, text: str) -> bool:
@@ -332,6 +330,10 @@ def decide(
         duration_seconds=duration,
         session_policy=session_policy,
         policy_arns=rule.policy_arns,
+        sts_token=rule.sts_token,
+        tags=policy.render_tags(rule, identity),
+        transitive_tag_keys=rule.transitive_tag_keys,
+        source_identity=policy.render_source_identity(rule, identity),
     )
 
 
@@ -404,6 +406,10 @@ class Explanation:
             "session_policy_limit": STS_MAX_INLINE_POLICY_CHARS,
             "policy_arns": list(grant.policy_arns) if grant else [],
             "session_name": policy.session_name(self.identity),
+            "sts_token": rule.sts_token if rule else None,
+            "session_tags": dict(grant.tags) if grant else {},
+            "transitive_tag_keys": list(grant.transitive_tag_keys) if grant else [],
+            "source_identity": grant.source_identity if grant else None,
             "error": None if self.error is None else self.error.to_dict(),
         }
 

@@ -18,9 +18,10 @@ from flask import current_app
 
 from broker import metrics, rules
 from broker.credentials import CredentialService, sdk_min_left
-from broker.errors import BrokerError, RateLimited, UnknownProvider
+from broker.errors import BrokerError, NotFound, RateLimited, UnknownProvider
 from broker.http import Http
 from broker.identity import Identity, IdentityIds, hypothetical_token
+from broker.issuer import Issuer
 from broker.memo import ExpiringCache
 from broker.providers import build_providers
 from broker.providers.base import IdentityProvider
@@ -81,6 +82,8 @@ class Services:
     identity_ids: IdentityIds
     sts: STS
     credentials: CredentialService
+    # The broker's own token signer (rules with sts_token = "broker"); build() makes one.
+    issuer: Issuer | None = None
     # Clients built here (not handed in by the caller), closed with the services.
     owned: tuple[Callable[[], None], ...] = ()
     # Answers to repeated identical API requests, per worker (broker.web.replay).
@@ -103,6 +106,7 @@ class Services:
         )
         http = Http(budget_seconds=settings.upstream.budget_seconds)
         owned: tuple[Callable[[], None], ...] = ()
+        issuer = Issuer(settings=settings, store=store)
         if sts is None:
             botocore_sts = BotocoreSTS(settings.sts)
             sts, owned = botocore_sts, (botocore_sts.close,)
@@ -122,11 +126,13 @@ class Services:
                 key=settings.security.identity_key, region=settings.identity.region
             ),
             sts=sts,
+            issuer=issuer,
             credentials=CredentialService(
                 sts=sts,
                 store=store,
                 settings=settings.cache,
                 config_version=settings.config_version,
+                issuer=issuer,
             ),
         )
 
@@ -254,6 +260,44 @@ class Services:
         issued = Issued(identity=identity, grant=grant, credentials=creds)
         audit_log.info("credentials issued", extra={"audit": issued.audit})
         return issued
+
+    def guest(self, address: str | None, guest_token: str | None) -> tuple[Issued, str, int]:
+        """Credentials for a guest (``POST /v1/guest``, see broker.guest): the same guest
+        again for a valid guest token, else a new one. Returns the credentials and a
+        renewed guest token with its expiry. NotFound while guest access is off."""
+        from broker import guest
+
+        settings = self.settings.guest
+        if not settings.enabled:
+            raise NotFound("not found")
+        where = address or "unknown"
+        self._limit("guest-ip", where, settings.per_ip_per_minute)
+        tokens = guest.GuestTokens(
+            identity_key=self.settings.security.identity_key,
+            lifetime_seconds=settings.token_days * 86400,
+        )
+        if guest_token is not None:
+            subject = tokens.open(guest_token)
+        else:
+            # New guests cost an attacker nothing: an hourly budget per address keeps
+            # one address from minting an unbounded number of identities.
+            created = self.store.hit(self.store.key("rate", "guest-new", where), window=3600)
+            if created > settings.new_per_ip_per_hour:
+                raise RateLimited(
+                    f"more than {settings.new_per_ip_per_hour} new guests an hour from "
+                    "this address",
+                    retry_after=3600,
+                )
+            subject = tokens.new_subject()
+        renewed, expires = tokens.issue(subject)
+        identity = guest.guest_identity(self.identity_ids, subject, expires_at=expires)
+        try:
+            self.limit_identity(identity.identity_id)
+            grant = guest.guest_grant(settings, identity)
+        except BrokerError as exc:
+            exc.about(provider=identity.provider, identity_id=identity.identity_id)
+            raise
+        return self.mint(identity, grant), renewed, expires
 
     def limit_address(self, address: str | None) -> None:
         """The per-client-address limit (``rate_limit.per_ip_per_minute``)."""

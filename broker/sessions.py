@@ -444,7 +444,7 @@ def session_identity(ws: WebSession) -> Identity:
     token; otherwise raises ``ExpiredToken`` (401) so the page can offer a new sign-in.
     """
     sso = web_sso()
-    if ws.token_expired(sso.clock()):
+    if ws.token_expired(sso.clock()) and not broker_token_suffices(ws):
         try:
             ws = sso.renew(ws)
         except errors.BrokerError as exc:
@@ -452,6 +452,19 @@ def session_identity(ws: WebSession) -> Identity:
             raise
         setattr(g, _G_SESSION, ws)
     return sso.identity(ws)
+
+
+def broker_token_suffices(ws: WebSession) -> bool:
+    """Whether this session's credentials come with the broker's own token for STS
+    (the matching rule has ``sts_token = "broker"``): then the provider's token is not
+    sent to STS, and the session may mint until its absolute lifetime ends, whatever
+    the provider token's expiry. The claims are the ones verified at sign-in."""
+    sso = web_sso()
+    try:
+        rule = sso.services.matching_rule(sso.identity(ws))
+    except errors.BrokerError:
+        return False  # no rule: the refusal comes from decide, with its reasons
+    return rule.broker_token
 
 
 def _identity_id(ws: WebSession) -> str:

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import tomllib
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,14 @@ STS_MIN_DURATION = 900
 STS_MAX_DURATION = 43200
 STS_MAX_POLICY_ARNS = 10
 STS_MAX_INLINE_POLICY_CHARS = 2048
+# Session tags and source identity (AssumeRoleWithWebIdentity, "Passing session tags
+# using AssumeRoleWithWebIdentity" and SourceIdentity in the IAM user guide).
+STS_MAX_TAGS = 50
+STS_MAX_TAG_KEY_CHARS = 128
+STS_MAX_TAG_VALUE_CHARS = 256
+# The broker's own tokens for STS live at most this long: STS reads them once, at the
+# call, so a longer life would only widen what a leaked one is worth.
+ISSUER_MAX_TOKEN_SECONDS = 300
 
 # Clock skew tolerated on exp/nbf/iat. A minute covers phones with drifting clocks and
 # NTP-less containers; more would let a stolen, just-expired token live noticeably longer.
@@ -45,10 +54,37 @@ MAX_UPSTREAM_BUDGET_SECONDS = WORKER_TIMEOUT_SECONDS / 2
 ROLE_ARN_RE = re.compile(r"^arn:aws(?:-cn|-us-gov)?:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
 POLICY_ARN_RE = re.compile(r"^arn:aws(?:-cn|-us-gov)?:iam::(?:\d{12}|aws):policy/[\w+=,.@/-]+$")
 PROVIDER_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# SourceIdentity as STS accepts it (ASCII: `\w` would admit letters STS refuses).
+SOURCE_IDENTITY_RE = re.compile(r"[\w+=,.@-]{2,64}", re.ASCII)
+_TAG_PUNCTUATION = frozenset("_.:/=+-@")
+
+
+def tag_text_ok(text: str) -> bool:
+    """Whether every character of a tag key or value is one STS accepts:
+    ``[\\p{L}\\p{Z}\\p{N}_.:/=+\\-@]`` (letters, separators, numbers and a little
+    punctuation). No quote, brace, dollar, star or control character can get through."""
+    return all(c in _TAG_PUNCTUATION or unicodedata.category(c)[0] in "LZN" for c in text)
+
+
+def tag_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a session tag key, or None."""
+    if not 1 <= len(key) <= STS_MAX_TAG_KEY_CHARS:
+        return f"tag keys are 1 to {STS_MAX_TAG_KEY_CHARS} characters"
+    if not tag_text_ok(key):
+        return "tag keys may hold only letters, digits, spaces and _ . : / = + - @"
+    if key.lower().startswith("aws:"):
+        return "tag keys must not start with aws: (reserved by AWS)"
+    return None
+
 
 Operator = Literal["equals", "not_equals", "contains", "starts_with", "glob", "in"]
 OPERATORS: tuple[Operator, ...] = ("equals", "not_equals", "contains", "starts_with", "glob", "in")
-ProviderType = Literal["oidc", "google", "amazon", "facebook"]
+ProviderType = Literal["oidc", "google", "developer", "amazon", "facebook"]
+# Which token STS receives for a rule: the provider's own (IAM trusts the provider) or
+# one the broker signs (IAM trusts the broker; needed for session tags and source identity).
+StsToken = Literal["provider", "broker"]
+STS_TOKENS: tuple[StsToken, ...] = ("provider", "broker")
+IssuerAlgorithm = Literal["RS256", "ES256"]
 
 GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
 GOOGLE_JWKS_URL = "https://www.googleapis.com/oauth2/v3/certs"
@@ -84,6 +120,37 @@ class ServerSettings:
 class AdminSettings:
     # Bearer token for the operator endpoints (POST /v1/explain); None: they are off.
     token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IssuerSettings:
+    """The broker as an OpenID issuer for STS (broker.issuer)."""
+
+    audience: str = "sts.amazonaws.com"  # the `aud` of every broker token
+    algorithm: IssuerAlgorithm = "RS256"  # for generated keys; file keys bring their own
+    token_seconds: int = ISSUER_MAX_TOKEN_SECONDS
+    # PEM private keys from files: the first signs, all are published. Empty: keys are
+    # generated and kept sealed in Redis, shared by every node.
+    key_pems: tuple[bytes, ...] = field(default=(), repr=False)
+    # Generated keys: a new one is made after this long, published publish_ahead_seconds
+    # before it signs anything, so verifiers that cache the JWKS already know it.
+    rotate_after_seconds: int = 30 * 86400
+    publish_ahead_seconds: int = 3600
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuestSettings:
+    """Guest identities (broker.guest): off unless enabled and given a role."""
+
+    enabled: bool = False
+    role_arn: str | None = None
+    duration_seconds: int = 900
+    session_policy: Mapping[str, Any] | None = None  # a template, as for rules
+    # Strict, per client address, shared by every process: new guests an hour, and
+    # requests (new or returning) a minute.
+    new_per_ip_per_hour: int = 10
+    per_ip_per_minute: int = 20
+    token_days: int = 90  # how long a device may come back as the same guest
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,7 +260,9 @@ class MetricsSettings:
 @dataclass(frozen=True, kw_only=True)
 class OIDCProviderSettings:
     name: str
-    type: Literal["oidc", "google"]
+    # "developer": tokens signed by the operator's own backend, keys from a JWKS file
+    # (static_jwks), no discovery; API only, and only with the broker's token for STS.
+    type: Literal["oidc", "google", "developer"]
     display_name: str
     issuers: tuple[str, ...]  # accepted `iss` values, compared exactly
     client_ids: tuple[str, ...]  # accepted `aud` values
@@ -210,6 +279,7 @@ class OIDCProviderSettings:
     # Browser flow (issue: web SSO); empty when the provider is API-only.
     client_secret: str | None = field(default=None, repr=False)
     scopes: tuple[str, ...] = ("openid", "email", "profile")
+    static_jwks: Mapping[str, Any] | None = None  # a JWKS document (developer providers)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,6 +337,23 @@ class RuleSettings:
     max_duration_seconds: int
     session_policy: Mapping[str, Any] | None  # a JSON policy template
     policy_arns: tuple[str, ...]
+    sts_token: StsToken = "provider"  # noqa: S105 - a kind of token, not a secret
+    principal_tags: tuple[tuple[str, TagSource], ...] = ()  # tag key -> where its value is
+    transitive_tag_keys: tuple[str, ...] = ()
+    source_identity_claim: str | None = None
+
+    @property
+    def broker_token(self) -> bool:
+        """Whether STS receives the broker's own token for this rule."""
+        return self.sts_token == "broker"  # noqa: S105 - a kind of token, not a secret
+
+
+@dataclass(frozen=True, kw_only=True)
+class TagSource:
+    """A session tag's value: a verified claim (dotted path) or a fixed value."""
+
+    claim: str | None = None
+    value: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -290,6 +377,8 @@ class Settings:
     source: str  # where the config came from, for messages
     upstream: UpstreamSettings = UpstreamSettings()
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    issuer: IssuerSettings = IssuerSettings()
+    guest: GuestSettings = GuestSettings()
 
 
 # --------------------------------------------------------------------------- reading
@@ -598,6 +687,75 @@ def _cache(r: _Reader) -> CacheSettings:
     return s
 
 
+def _issuer(r: _Reader, base_dir: Path) -> IssuerSettings:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    pems: list[bytes] = []
+    for name in r.str_list("key_files", ()):
+        path = (base_dir / name).expanduser()
+        try:
+            pem = path.read_bytes()
+            key = load_pem_private_key(pem, password=None)
+        except OSError as exc:
+            r.problem("key_files", f"cannot read {path}: {exc.strerror}")
+            continue
+        except (ValueError, TypeError):
+            r.problem("key_files", f"{path} is not an unencrypted PEM private key")
+            continue
+        if (isinstance(key, rsa.RSAPrivateKey) and key.key_size >= 2048) or (
+            isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)
+        ):
+            pems.append(pem)
+        else:
+            # What RS256 and ES256 sign with; IAM accepts nothing weaker.
+            r.problem("key_files", f"{path} must hold an RSA key of 2048+ bits or a P-256 key")
+    algorithm = r.text("algorithm", "RS256")
+    if algorithm not in {"RS256", "ES256"}:
+        r.problem("algorithm", f"must be RS256 or ES256, got {algorithm!r}")
+    s = IssuerSettings(
+        audience=r.text("audience", "sts.amazonaws.com"),
+        algorithm=algorithm if algorithm in {"RS256", "ES256"} else "RS256",
+        token_seconds=r.integer(
+            "token_seconds", ISSUER_MAX_TOKEN_SECONDS, lo=60, hi=ISSUER_MAX_TOKEN_SECONDS
+        ),
+        key_pems=tuple(pems),
+        rotate_after_seconds=r.integer("rotate_after_seconds", 30 * 86400, lo=3600, hi=366 * 86400),
+        publish_ahead_seconds=r.integer("publish_ahead_seconds", 3600, lo=0, hi=7 * 86400),
+    )
+    r.finish()
+    return s
+
+
+def _guest(r: _Reader, base_dir: Path, rules: Iterable[RuleSettings]) -> GuestSettings:
+    enabled = r.flag("enabled", False)
+    role = r.opt_str("role_arn")
+    if role is not None and not ROLE_ARN_RE.match(role):
+        r.problem("role_arn", f"{role!r} is not an IAM role ARN")
+    if enabled and role is None:
+        r.problem("role_arn", "guest access needs the role guests get")
+    if role is not None and any(role in rule.roles for rule in rules):
+        # The guest role's trust policy admits unauthenticated tokens (amr
+        # "unauthenticated"): a role people sign in for must not be reachable that way.
+        r.problem("role_arn", "must not be a role that rules grant to signed-in identities")
+    s = GuestSettings(
+        enabled=enabled,
+        role_arn=role,
+        duration_seconds=r.integer("duration_seconds", 900, lo=STS_MIN_DURATION, hi=3600),
+        session_policy=_session_policy(r, base_dir),
+        new_per_ip_per_hour=r.integer("new_per_ip_per_hour", 10, lo=1, hi=10_000),
+        per_ip_per_minute=r.integer("per_ip_per_minute", 20, lo=1, hi=10_000),
+        token_days=r.integer("token_days", 90, lo=1, hi=3650),
+    )
+    r.finish()
+    if s.session_policy is not None:
+        from broker.policy import check_policy_template
+
+        where = r.key("session_policy")
+        r.problems.extend(f"{where}: {p}" for p in check_policy_template(s.session_policy))
+    return s
+
+
 def _upstream(r: _Reader) -> UpstreamSettings:
     s = UpstreamSettings(
         budget_seconds=r.number("budget_seconds", 10.0, lo=0.5, hi=MAX_UPSTREAM_BUDGET_SECONDS),
@@ -713,8 +871,40 @@ def _metrics(r: _Reader) -> MetricsSettings:
     return s
 
 
+def _developer_jwks(r: _Reader) -> Mapping[str, Any] | None:
+    """A developer provider's keys: ``jwks_file`` (read into ``jwks`` by the loader) or
+    inline ``jwks``, checked now so a bad file stops the start."""
+    from broker.jwks import MalformedDocument, parse_key_set
+
+    raw = r.raw("jwks")
+    if raw is _MISSING:
+        r.problem("jwks_file", "a developer provider needs its backend's keys (a JWKS file)")
+        return None
+    try:
+        document = json.loads(raw) if isinstance(raw, str) else raw
+        keys = document.get("keys") if isinstance(document, dict) else None
+        if isinstance(keys, list) and any(
+            isinstance(jwk, dict) and {"d", "p", "q", "dp", "dq", "qi", "k"} & set(jwk)
+            for jwk in keys
+        ):
+            # The broker verifies; the backend alone must hold the private half.
+            r.problem("jwks_file", "holds a private or symmetric key: publish public keys only")
+            return None
+        parse_key_set(document)
+    except (ValueError, MalformedDocument) as exc:
+        r.problem("jwks_file", f"is not a usable JSON Web Key Set: {exc}")
+        return None
+    return cast(Mapping[str, Any], document)
+
+
 def _oidc_provider(name: str, kind: str, r: _Reader) -> OIDCProviderSettings:
     google = kind == "google"
+    developer = kind == "developer"
+    static_jwks = _developer_jwks(r) if developer else None
+    if developer:
+        for key in ("jwks_url", "discovery_url", "client_secret"):
+            if r.raw(key) is not _MISSING:
+                r.problem(key, "a developer provider takes its keys from jwks_file, API only")
     issuer = r.opt_url("issuer")
     issuers = r.str_list("issuers", GOOGLE_ISSUERS if google else ())
     if issuer:
@@ -726,7 +916,7 @@ def _oidc_provider(name: str, kind: str, r: _Reader) -> OIDCProviderSettings:
         discovery_url = discovery_url or GOOGLE_DISCOVERY_URL
     elif not issuers:
         r.problem("issuer", "is required for an oidc provider")
-    elif not jwks_url and not discovery_url:
+    elif not jwks_url and not discovery_url and not developer:
         discovery_url = issuers[0].rstrip("/") + "/.well-known/openid-configuration"
     algorithms = r.str_list("algorithms", ("RS256",), nonempty=True)
     for alg in algorithms:
@@ -736,7 +926,7 @@ def _oidc_provider(name: str, kind: str, r: _Reader) -> OIDCProviderSettings:
             r.problem("algorithms", f"{alg!r} is not an allowed asymmetric algorithm")
     s = OIDCProviderSettings(
         name=name,
-        type="google" if google else "oidc",
+        type="google" if google else "developer" if developer else "oidc",
         display_name=r.text("display_name", "Google" if google else name),
         issuers=issuers,
         client_ids=r.str_list("client_ids", nonempty=True),
@@ -751,6 +941,7 @@ def _oidc_provider(name: str, kind: str, r: _Reader) -> OIDCProviderSettings:
         require_nonce=r.flag("require_nonce", False),
         client_secret=r.opt_str("client_secret"),
         scopes=r.str_list("scopes", ("openid", "email", "profile")),
+        static_jwks=static_jwks,
     )
     r.finish()
     return s
@@ -803,14 +994,14 @@ def _providers(r: _Reader) -> dict[str, ProviderSettings]:
         if not PROVIDER_NAME_RE.match(name):
             r.problem(name, "provider names are lowercase letters, digits, - and _")
         kind = sub.text("type", name if name in {"google", "amazon", "facebook"} else "oidc")
-        if kind in {"oidc", "google"}:
+        if kind in {"oidc", "google", "developer"}:
             out[name] = _oidc_provider(name, kind, sub)
         elif kind == "amazon":
             out[name] = _amazon_provider(name, sub)
         elif kind == "facebook":
             out[name] = _facebook_provider(name, sub)
         else:
-            sub.problem("type", "must be one of oidc, google, amazon, facebook")
+            sub.problem("type", "must be one of oidc, google, developer, amazon, facebook")
     return out
 
 
@@ -841,6 +1032,77 @@ def _session_policy(r: _Reader, base_dir: Path) -> Mapping[str, Any] | None:
         r.problem("session_policy", "must be an IAM policy object with a Statement")
         return None
     return cast(Mapping[str, Any], inline)
+
+
+def _token_fields(
+    r: _Reader,
+) -> tuple[StsToken, tuple[tuple[str, TagSource], ...], tuple[str, ...], str | None]:
+    """A rule's sts_token, principal_tags, transitive_tag_keys and source_identity_claim."""
+    sts_token = r.text("sts_token", "provider")
+    if sts_token not in STS_TOKENS:
+        r.problem("sts_token", f"must be one of {', '.join(STS_TOKENS)}, got {sts_token!r}")
+        sts_token = "provider"  # noqa: S105 - a kind of token, not a secret
+    principal_tags = _principal_tags(r)
+    transitive = r.str_list("transitive_tag_keys", ())
+    tag_keys = {k for k, _ in principal_tags}
+    for key in transitive:
+        if key not in tag_keys:
+            r.problem("transitive_tag_keys", f"{key!r} is not one of the rule's principal_tags")
+    source_identity_claim = r.opt_str("source_identity_claim")
+    if (principal_tags or source_identity_claim) and sts_token != "broker":  # noqa: S105 - a kind of token, not a secret
+        # Only the broker's own token can carry tags and a source identity: the
+        # provider's token says what the provider put in it, nothing more.
+        r.problem(
+            "sts_token",
+            'session tags and source identity need sts_token = "broker" (the broker\'s '
+            "own token carries them; the provider's cannot)",
+        )
+    return sts_token, principal_tags, transitive, source_identity_claim
+
+
+def _principal_tags(r: _Reader) -> tuple[tuple[str, TagSource], ...]:
+    """``principal_tags = { key = { claim = "dotted.path" } | { value = "fixed" } }``."""
+    raw = r.raw("principal_tags")
+    if raw is _MISSING:
+        return ()
+    if not isinstance(raw, Mapping):
+        r.problem("principal_tags", "must be a table: KEY = { claim = ... } or { value = ... }")
+        return ()
+    out: list[tuple[str, TagSource]] = []
+    seen: set[str] = set()
+    for key, spec in raw.items():
+        where = f"principal_tags.{key}"
+        if (problem := tag_key_problem(key)) is not None:
+            r.problem(where, problem)
+            continue
+        if key.lower() in seen:
+            # STS compares tag keys without regard to case: two would be a duplicate.
+            r.problem(where, "another tag key differs from it only in case")
+            continue
+        seen.add(key.lower())
+        if not isinstance(spec, Mapping) or set(spec) not in ({"claim"}, {"value"}):
+            r.problem(where, 'must be { claim = "NAME" } or { value = "TEXT" }')
+            continue
+        if "claim" in spec:
+            if not isinstance(spec["claim"], str) or not spec["claim"].strip():
+                r.problem(f"{where}.claim", "must be a non-empty claim name")
+                continue
+            out.append((key, TagSource(claim=spec["claim"])))
+            continue
+        value = spec["value"]
+        if not isinstance(value, str):
+            r.problem(f"{where}.value", "must be a string")
+        elif len(value) > STS_MAX_TAG_VALUE_CHARS or not tag_text_ok(value):
+            r.problem(
+                f"{where}.value",
+                f"tag values are at most {STS_MAX_TAG_VALUE_CHARS} letters, digits, "
+                "spaces and _ . : / = + - @",
+            )
+        else:
+            out.append((key, TagSource(value=value)))
+    if len(raw) > STS_MAX_TAGS:
+        r.problem("principal_tags", f"STS accepts at most {STS_MAX_TAGS} session tags")
+    return tuple(out)
 
 
 def _condition(r: _Reader) -> Condition | None:
@@ -899,6 +1161,13 @@ def _rule(
             r.problem("policy_arns", f"{arn!r} is not an IAM policy ARN")
     if len(policy_arns) > STS_MAX_POLICY_ARNS:
         r.problem("policy_arns", f"STS accepts at most {STS_MAX_POLICY_ARNS} policy ARNs")
+    sts_token, principal_tags, transitive, source_identity_claim = _token_fields(r)
+    for p in rule_providers:
+        kind = getattr(providers.get(p), "type", None)
+        if kind == "developer" and sts_token != "broker":  # noqa: S105 - a kind of token
+            # IAM has never heard of the operator's backend: only the broker's token,
+            # vouching for the identity it verified, can reach STS.
+            r.problem("sts_token", f'provider {p!r} is a developer provider: needs "broker"')
     max_duration = r.integer("max_duration_seconds", 3600, lo=STS_MIN_DURATION, hi=STS_MAX_DURATION)
     default_duration = r.integer(
         "default_duration_seconds",
@@ -925,6 +1194,10 @@ def _rule(
         max_duration_seconds=max_duration,
         session_policy=_session_policy(r, base),
         policy_arns=policy_arns,
+        sts_token=sts_token,
+        principal_tags=principal_tags,
+        transitive_tag_keys=transitive,
+        source_identity_claim=source_identity_claim,
     )
     r.finish()
     if rule.session_policy is not None and len(problems) == before:
@@ -979,6 +1252,7 @@ def settings_from_mapping(
         "metrics": _metrics,
     }
     built = {name: fn(top.table(name)) for name, fn in sections.items()}
+    issuer = _issuer(top.table("issuer"), base)
     providers = _providers(top.table("providers"))
     if not providers:
         problems.append("providers: configure at least one identity provider")
@@ -996,6 +1270,7 @@ def settings_from_mapping(
             # Explain, /v1/roles and the audit trail name rules: two with one name would
             # make every one of them ambiguous.
             problems.append(f"rules: more than one rule is named {name!r}")
+    guest = _guest(top.table("guest"), base, rules)
     top.finish()
     upstream = built["upstream"]
     if isinstance(upstream, UpstreamSettings):
@@ -1014,6 +1289,8 @@ def settings_from_mapping(
         **built,
         providers=providers,
         rules=tuple(rules),
+        issuer=issuer,
+        guest=guest,
         config_version=version,
         source=source,
     )

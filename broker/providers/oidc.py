@@ -16,6 +16,9 @@ checks every step itself, in order, so a reviewer can tick them off:
 
 The key set comes from ``jwks_url`` when configured, else from the discovery document,
 whose ``issuer`` must be one of the configured issuers (OpenID Connect Discovery 4.3).
+Developer providers (``type = "developer"``: the operator's backend signs tokens for its
+own users) take their keys from a configured JWKS file instead, fetch nothing, and go
+through exactly the same steps 1-6.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from broker.jwks import (
     JWKSCache,
     MalformedDocument,
     RemoteDocument,
+    StaticKeySet,
 )
 from broker.memo import ExpiringCache
 from broker.providers.base import IdentityProvider
@@ -95,6 +99,10 @@ class OIDCProvider(IdentityProvider):
         self._jwks_lock = threading.Lock()
         self._jwks: JWKSCache | None = None
         self._discovery: RemoteDocument[str] | None = None
+        # Developer providers: the operator's backend signs, its keys come from a file.
+        self._static = StaticKeySet(settings.static_jwks) if settings.static_jwks else None
+        if self._static is not None:
+            return
         if settings.jwks_url:
             self._jwks = self._jwks_cache(settings.jwks_url)
         elif settings.discovery_url:
@@ -251,6 +259,8 @@ class OIDCProvider(IdentityProvider):
     def key_state(self, *, check: bool) -> DocumentState:
         """The key set's state; the discovery document's while it names no key set, or
         when it is stale and the keys are fine."""
+        if self._static is not None:
+            return DocumentState(state="ok")  # configured keys: nothing to fetch
         jwks = self._jwks
         discovery: DocumentState | None = None
         if self._discovery is not None:
@@ -267,7 +277,9 @@ class OIDCProvider(IdentityProvider):
             jwks.warm_in_background()
         return discovery if keys.state == "ok" and discovery is not None else keys
 
-    def _key_set(self) -> JWKSCache:
+    def _key_set(self) -> JWKSCache | StaticKeySet:
+        if self._static is not None:
+            return self._static
         if self._discovery is None:
             assert self._jwks is not None  # set in __init__ when jwks_url is configured
             return self._jwks

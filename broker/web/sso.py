@@ -55,6 +55,7 @@ from broker.services import Issued, current_services
 from broker.sessions import (
     WebSession,
     begin_session,
+    broker_token_suffices,
     check_csrf,
     check_csrf_current,
     current_identity_or_none,
@@ -192,7 +193,10 @@ def identity_view(ws: WebSession) -> dict[str, Any]:
         "name": ws.claims.get("name") if isinstance(ws.claims.get("name"), str) else None,
         "identity_id": sso.services.identity_ids.derive(ws.provider, ws.subject),
         # Expired with no refresh token: the page offers a new sign-in up front.
-        "token_expired": ws.token_expired(now) and not ws.refresh_token,
+        # (With the broker's token, the provider's expiry does not matter.)
+        "token_expired": ws.token_expired(now)
+        and not ws.refresh_token
+        and not broker_token_suffices(ws),
         "token_expires_at": iso_utc(ws.token_expires_at),
         "session_expires_at": iso_utc(
             min(
