@@ -23,11 +23,17 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import datetime
 from typing import Any
 
 from broker import metrics
-from broker.errors import ConfigurationError, DependencyUnavailable, StoreUnavailable
+from broker.errors import (
+    ConfigurationError,
+    DependencyUnavailable,
+    ServerError,
+    StoreUnavailable,
+)
 from broker.identity import Identity
 from broker.issuer import Issuer
 from broker.memo import ExpiringCache
@@ -55,6 +61,10 @@ def sdk_min_left(duration_seconds: int) -> float:
     call whatever the broker does)."""
     return float(SDK_REFRESH_SECONDS) if duration_seconds >= 2 * SDK_REFRESH_SECONDS else 0.0
 
+
+# After STS failed (timed out, throttled, answered badly) for one set of credentials, how
+# long every caller for the same credentials gets a 503 at once rather than a new call.
+FAILURE_HOLD_SECONDS = 5
 
 # What a caller is told when the leader is still waiting on STS after lock_wait_seconds.
 _BUSY_RETRY_AFTER = 2
@@ -119,7 +129,12 @@ class CredentialService:
                         metrics.singleflight_wait(outcome, time.monotonic() - started)
                     if cached is not None:
                         return cached
-                    issued = self._assume(identity, grant)
+                    self._raise_recent_failure(digest)
+                    try:
+                        issued = self._assume(identity, grant)
+                    except ServerError as exc:
+                        self._note_failure(digest, exc)
+                        raise
                     self._put(key, identity.identity_id, issued)
                     return issued
             waited = True
@@ -127,6 +142,9 @@ class CredentialService:
             if cached is not None:
                 metrics.singleflight_wait("filled", time.monotonic() - started)
                 return cached
+            # The leader gave up on STS: waiting for it, then calling STS again one after
+            # another, is exactly the queue a hung STS must not build.
+            self._raise_recent_failure(digest)
             if time.monotonic() >= deadline:
                 metrics.singleflight_wait("timeout", time.monotonic() - started)
                 # The leader is still waiting on STS. Calling STS as well would defeat
@@ -138,6 +156,34 @@ class CredentialService:
                 )
             time.sleep(poll)
             poll = min(poll * 2, _POLL_MAX_SECONDS)
+
+    def _failure_key(self, digest: str) -> str:
+        return self._store.key("creds-failed", digest)
+
+    def _note_failure(self, digest: str, exc: ServerError) -> None:
+        """Tell every process that STS just failed for these credentials, so that for the
+        error's Retry-After (at most ``FAILURE_HOLD_SECONDS``) they answer 503 at once
+        instead of calling it again."""
+        with suppress(StoreUnavailable):  # the store logs it; the caller gets ``exc``
+            hold = max(1, min(exc.retry_after or _BUSY_RETRY_AFTER, FAILURE_HOLD_SECONDS))
+            self._store.set_json(
+                self._failure_key(digest),
+                {"message": exc.message, "retry_after": hold},
+                ttl=hold,
+            )
+
+    def _raise_recent_failure(self, digest: str) -> None:
+        failed = self._store.get_json(self._failure_key(digest))
+        if not isinstance(failed, dict):
+            return
+        retry_after = failed.get("retry_after")
+        if not isinstance(retry_after, int) or isinstance(retry_after, bool):
+            retry_after = FAILURE_HOLD_SECONDS
+        raise DependencyUnavailable(
+            "STS failed a moment ago for the same credentials "
+            f"({failed.get('message', 'no detail')}); try again shortly",
+            retry_after=max(1, min(retry_after, FAILURE_HOLD_SECONDS)),
+        )
 
     def _assume(self, identity: Identity, grant: Grant) -> IssuedCredentials:
         # Built only on a miss: a cache hit needs neither the session name nor the token.

@@ -167,9 +167,17 @@ class BotocoreSTS:
                     attempt += 1
                     continue
                 raise _map_client_error(exc, code, request) from None
+            except (
+                botocore.exceptions.ReadTimeoutError,
+                botocore.exceptions.ConnectTimeoutError,
+            ) as exc:
+                # Not retried here: a worker must not wait several timeouts in a row.
+                raise DependencyUnavailable(
+                    f"STS timed out after {self._settings.timeout_seconds:g} s "
+                    f"({type(exc).__name__})"
+                ) from None
             except (botocore.exceptions.ConnectionError, HTTPClientError) as exc:
-                # Connect/read timeouts, refused or dropped connections. Not retried
-                # here: a worker must not wait several timeouts in a row.
+                # Refused or dropped connections.
                 raise DependencyUnavailable(f"STS is unreachable ({type(exc).__name__})") from None
             except ParamValidationError as exc:
                 raise _map_param_error(exc, request) from None

@@ -335,6 +335,12 @@ def test_failures_are_not_cached_and_release_the_lock(real_sts: BotocoreSTS, sto
 
     with pytest.raises(errors.UpstreamError):
         credentials.get(identity(), GRANT)
+    # For the failure's short hold (2 s for a 502), callers are told at once...
+    with pytest.raises(errors.DependencyUnavailable, match="failed a moment ago"):
+        credentials.get(identity(), GRANT)
+    assert sts.calls == 1
+    time.sleep(2.2)
+    # ...then the next caller asks STS again: nothing was cached, the lock was released.
     assert credentials.get(identity(), GRANT).access_key_id
     assert sts.calls == 2
 
@@ -492,3 +498,40 @@ def test_self_renewing_callers_never_get_credentials_inside_the_sdk_window(
     assert sts.calls == 1
     later.get(identity(), grant, min_left=sdk_min_left(grant.duration_seconds))
     assert sts.calls == (2 if renewed else 1)
+
+
+class HungSTS(CountingSTS):
+    """STS that hangs for ``delay`` and then times out, as a frozen STS does."""
+
+    def assume_role_with_web_identity(self, request: AssumeRequest) -> IssuedCredentials:
+        with self._lock:
+            self.requests.append(request)
+        time.sleep(self._delay)
+        raise errors.DependencyUnavailable("STS timed out after 2 s", retry_after=5)
+
+
+def test_a_hung_sts_is_asked_once_and_callers_do_not_queue(
+    real_sts: BotocoreSTS, new_store: Callable[[], Store]
+) -> None:
+    hung = HungSTS(real_sts, delay=2.0)
+    services = [service(hung, new_store(), lock_wait_seconds=20) for _ in range(5)]
+
+    def call(credentials: CredentialService) -> tuple[type[BaseException], float]:
+        started = time.monotonic()
+        with pytest.raises(errors.DependencyUnavailable) as failed:
+            credentials.get(identity(), GRANT)
+        assert failed.value.retry_after is not None
+        return type(failed.value), time.monotonic() - started
+
+    with ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(call, services))
+    # One STS call; every follower learns of its failure instead of calling STS in turn
+    # (before: 5 calls, the last caller answered after 5 x 2 s).
+    assert hung.calls == 1
+    assert max(elapsed for _, elapsed in results) < 4.0
+    # For FAILURE_HOLD_SECONDS a new caller gets the 503 at once, without a call.
+    started = time.monotonic()
+    with pytest.raises(errors.DependencyUnavailable, match="failed a moment ago"):
+        services[0].get(identity(), GRANT)
+    assert time.monotonic() - started < 1.0
+    assert hung.calls == 1

@@ -352,3 +352,6 @@ def test_sts_unreachable_or_hung_is_a_503_with_retry_after(
     assert response.status_code == 503, response.text
     assert response.json()["error"] == "dependency_unavailable"
     assert response.headers["Retry-After"] == "5"
+    # A timeout is reported as one, a refused connection as unreachable.
+    expected = "STS timed out after 1 s" if sts_state == "hung" else "STS is unreachable"
+    assert expected in response.json()["message"]
