@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from broker import errors
+from broker.identity import IdentityIds
 from broker.sessions import SessionStore, WebSession
 from broker.settings import CLISettings
 from broker.store import Store
@@ -166,11 +167,13 @@ class CLIAuth:
         store: Store,
         settings: CLISettings,
         sessions: SessionStore,
+        identity_ids: IdentityIds,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self.settings = settings
         self.sessions = sessions
+        self._identity_ids = identity_ids
         self._clock = clock
 
     # -- loopback ----------------------------------------------------------------------
@@ -295,13 +298,29 @@ class CLIAuth:
 
     # -- sessions ----------------------------------------------------------------------
 
+    def revoke(self, identity_id: str) -> int:
+        """End every CLI session of one identity (an operator's lost-laptop button);
+        returns how many there were. Cached credentials are the caller's to forget."""
+        return self._store.drop_index(self._index_key(identity_id))
+
+    def _index_key(self, identity_id: str) -> str:
+        return self._store.key("cli-sessions-of", identity_id)
+
     def _session(self, signed_in: Any) -> WebSession:
         if not isinstance(signed_in, Mapping):
             raise InvalidGrant()
         try:
-            return self.sessions.create_from(signed_in)
+            ws = self.sessions.create_from(signed_in)
         except (KeyError, TypeError, ValueError):
             raise InvalidGrant() from None
+        # Indexed per identity, so an operator can end them all without holding any.
+        identity_id = self._identity_ids.derive(ws.provider, ws.subject)
+        self._store.index_add(
+            self._index_key(identity_id),
+            self.sessions.key(ws.session_id),
+            ttl=self.sessions.absolute_seconds,
+        )
+        return ws
 
     def _device_key(self, device_digest: str) -> str:
         return self._store.key("cli-device", device_digest)

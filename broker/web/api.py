@@ -184,7 +184,7 @@ def roles() -> Response:
     )
 
 
-def _require_admin() -> None:
+def require_admin() -> None:
     """The operator endpoints answer only to ``admin.token`` as a Bearer token.
 
     Off (404, as if absent) when no token is configured, so a broker that never set one
@@ -207,7 +207,7 @@ def _require_admin() -> None:
 def explain() -> Response:
     """What the rules would decide for the given claims, rule by rule. Nothing is
     minted: no STS call, no cache, no credentials."""
-    _require_admin()
+    require_admin()
     body = json_body(
         {"provider": str, "claims": dict, "role_arn": str, "duration_seconds": int},
         required=("provider", "claims"),

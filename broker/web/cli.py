@@ -51,7 +51,7 @@ from broker.safe_redirect import safe_next
 from broker.services import current_services
 from broker.sessions import WebSession, check_csrf, load_session, session_identity, web_sso
 from broker.sts import iso_utc
-from broker.web.api import issued_json, json_body
+from broker.web.api import issued_json, json_body, require_admin
 from broker.web.security_headers import content_security_policy, no_store
 from broker.web.sso import identity_view, pages_and_json_errors
 
@@ -72,6 +72,7 @@ def cli_auth() -> CLIAuth:
         store=sso.services.store,
         settings=sso.services.settings.cli,
         sessions=sso.cli_sessions,
+        identity_ids=sso.services.identity_ids,
         clock=sso.clock,
     )
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
@@ -342,6 +343,32 @@ def session_credentials() -> Response:
         self_renewing=True,
     )
     return jsonify(issued_json(issued))
+
+
+@blueprint.post("/v1/cli/revoke")
+def revoke() -> Response:
+    """(admin token) End every CLI session of an identity, and drop its cached
+    credentials: for a lost laptop, or a person who left."""
+    require_admin()
+    body = json_body({"identity_id": str}, required=("identity_id",))
+    identity_id = body["identity_id"]
+    if len(identity_id) > 128:
+        raise errors.BadRequest("identity_id is too long")
+    services = current_services()
+    revoked = cli_auth().revoke(identity_id)
+    forgotten = services.forget(identity_id)
+    audit_log.info(
+        "cli sessions revoked",
+        extra={
+            "audit": {
+                "event": "cli_sessions_revoked",
+                "identity_id": identity_id,
+                "sessions": revoked,
+                "cached_credentials_dropped": forgotten,
+            }
+        },
+    )
+    return jsonify({"identity_id": identity_id, "revoked_sessions": revoked})
 
 
 @blueprint.post("/v1/cli/logout")

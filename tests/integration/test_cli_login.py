@@ -478,3 +478,48 @@ def test_token_endpoint_refusals(cli_broker: LiveBroker) -> None:
     for body, status, code in cases:
         r = requests.post(f"{cli_broker.url}/v1/cli/token", json=body, timeout=TIMEOUT)
         assert (r.status_code, r.json()["error"]) == (status, code), (body, r.text)
+
+
+ADMIN_TOKEN = "operator-" + "x" * 40
+
+
+@pytest.fixture
+def admin_broker(stack: Stack) -> Iterator[LiveBroker]:
+    port = free_port()
+    settings = make_settings(stack, f"http://127.0.0.1:{port}", admin={"token": ADMIN_TOKEN})
+    yield from serve(settings, stack, port)
+
+
+def test_an_operator_revokes_every_cli_session_of_an_identity(
+    admin_broker: LiveBroker, env: dict[str, str]
+) -> None:
+    login_loopback(admin_broker, env)
+    session = json.loads(
+        next((Path(env["BROKER_CLI_HOME"]) / "sessions").glob("*.json")).read_text()
+    )
+    url = f"{admin_broker.url}/v1/cli/revoke"
+    body = {"identity_id": session["identity_id"]}
+    for headers, status in (
+        ({}, 401),
+        ({"Authorization": "Bearer wrong-token"}, 401),
+        ({"Authorization": f"Bearer {session['session_token']}"}, 401),
+    ):
+        r = requests.post(url, json=body, headers=headers, timeout=TIMEOUT)
+        assert r.status_code == status, r.text
+    r = requests.post(
+        url, json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=TIMEOUT
+    )
+    assert r.json() == {"identity_id": session["identity_id"], "revoked_sessions": 1}
+    result = run(env, "broker", "credential-process", "--broker", admin_broker.url, check=False)
+    assert result.returncode == 1
+    assert "ended or was revoked" in result.stderr
+
+
+def test_revoking_is_off_without_an_admin_token(cli_broker: LiveBroker) -> None:
+    r = requests.post(
+        f"{cli_broker.url}/v1/cli/revoke",
+        json={"identity_id": "us-east-1:x"},
+        headers={"Authorization": "Bearer anything"},
+        timeout=TIMEOUT,
+    )
+    assert r.status_code == 404

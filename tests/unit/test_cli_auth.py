@@ -23,6 +23,7 @@ from broker.cli_auth import (
     normalize_user_code,
     s256,
 )
+from broker.identity import IdentityIds
 from broker.sessions import SessionStore, WebSession
 from broker.settings import CLISettings
 from broker.store import Store
@@ -42,7 +43,8 @@ def auth(store: Store) -> CLIAuth:
     sessions = SessionStore(
         store=store, idle_seconds=3600, absolute_seconds=86400, namespace="cli-session"
     )
-    return CLIAuth(store=store, settings=settings, sessions=sessions)
+    ids = IdentityIds(key=b"k" * 32, region="us-east-1")
+    return CLIAuth(store=store, settings=settings, sessions=sessions, identity_ids=ids)
 
 
 def browser_session(**changes: Any) -> WebSession:
@@ -224,3 +226,28 @@ def test_device_state_in_redis_holds_no_device_code(auth: CLIAuth, store: Store)
 
 def _digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
+
+
+def test_an_operator_can_end_every_cli_session_of_an_identity(auth: CLIAuth) -> None:
+    made = []
+    for _ in range(3):
+        verifier = secrets.token_urlsafe(64)
+        code = auth.authorize(
+            browser_session(), redirect_uri=REDIRECT, code_challenge=s256(verifier)
+        )
+        made.append(auth.exchange_code(code=code, code_verifier=verifier, redirect_uri=REDIRECT))
+    other_code_verifier = secrets.token_urlsafe(64)
+    other = auth.exchange_code(
+        code=auth.authorize(
+            browser_session(subject="bob@example.com"),
+            redirect_uri=REDIRECT,
+            code_challenge=s256(other_code_verifier),
+        ),
+        code_verifier=other_code_verifier,
+        redirect_uri=REDIRECT,
+    )
+    alice = IdentityIds(key=b"k" * 32, region="us-east-1").derive("demo", "alice@example.com")
+    assert auth.revoke(alice) == 3
+    assert all(auth.sessions.load(ws.session_id) is None for ws in made)
+    assert auth.sessions.load(other.session_id) is not None  # bob's is untouched
+    assert auth.revoke(alice) == 0
