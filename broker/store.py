@@ -104,6 +104,18 @@ end
 return 1
 """
 
+# Every member key, then the index, in one step: a credential cached while a sign-out
+# runs is either dropped with the rest or indexed afterwards, never left unindexed.
+# Members share the index's hash slot (Store.key's tag), so this runs on Cluster too.
+_INDEX_DROP = """
+local dropped = 0
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  dropped = dropped + redis.call('DEL', key)
+end
+redis.call('DEL', KEYS[1])
+return dropped
+"""
+
 # A token bucket in one hash: n = tokens left (fractional), t = when n was computed, in
 # ms by the Redis server's clock (TIME), so every broker process and node counts alike.
 # Reading TIME before a write needs script effects replication: the default since Redis
@@ -296,7 +308,7 @@ def connect(settings: RedisSettings) -> redis.Redis:
     # command each retry on their own). A connection the server closed (a restart) is
     # still replaced at no cost: the pool checks a connection before handing it out.
     no_retry = Retry(NoBackoff(), retries=0)
-    common: dict[str, Any] = {
+    timeouts: dict[str, Any] = {
         "retry": no_retry,
         "socket_timeout": settings.socket_timeout_seconds,
         "socket_connect_timeout": settings.socket_timeout_seconds,
@@ -305,16 +317,20 @@ def connect(settings: RedisSettings) -> redis.Redis:
         "socket_keepalive": True,
         "health_check_interval": 0,
     }
+    common = {**timeouts, **_auth(settings.username, settings.password), **_tls(settings)}
     if settings.mode == "sentinel":
         from redis.sentinel import Sentinel
 
+        if settings.tls:
+            common["ssl"] = True  # the master's connections: SentinelManagedSSLConnection
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(settings.sentinels),
-            # Sentinel clients would otherwise get redis-py's default: many retries, backoff.
+            # Sentinel clients would otherwise get redis-py's default: many retries,
+            # backoff. TLS as for the data nodes; credentials their own.
             sentinel_kwargs={
-                "retry": no_retry,
-                "socket_timeout": settings.socket_timeout_seconds,
-                "socket_connect_timeout": settings.socket_timeout_seconds,
+                **timeouts,
+                **_auth(settings.sentinel_username, settings.sentinel_password),
+                **({"ssl": True, **_tls(settings)} if settings.tls else {}),
             },
             **common,
         )
@@ -323,11 +339,32 @@ def connect(settings: RedisSettings) -> redis.Redis:
     if settings.mode == "cluster":
         from redis.cluster import RedisCluster
 
-        # RedisCluster shares the command API we use; all our multi-key operations
-        # stay within one key, so no hash tags are needed. Its own retry (10 attempts by
-        # default, rediscovering the cluster in between) is switched off as well.
+        # Every operation touching several keys keeps them in one slot (see Store.key).
+        # Its own retry (10 attempts by default, rediscovering the cluster in between)
+        # is switched off as well; MOVED/ASK redirects are still followed.
         return RedisCluster.from_url(settings.url, **common)  # type: ignore[return-value]
     return redis.Redis.from_url(settings.url, **common)
+
+
+def _auth(username: str | None, password: str | None) -> dict[str, Any]:
+    return {
+        key: value
+        for key, value in (("username", username), ("password", password))
+        if value is not None
+    }
+
+
+def _tls(settings: RedisSettings) -> dict[str, Any]:
+    """redis-py's TLS options: the server's certificate and name always verified."""
+    if not settings.tls:
+        return {}
+    options: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+    if settings.tls_ca_path:
+        options["ssl_ca_certs"] = settings.tls_ca_path
+    if settings.tls_cert_path:
+        options["ssl_certfile"] = settings.tls_cert_path
+        options["ssl_keyfile"] = settings.tls_key_path
+    return options
 
 
 class Store:
@@ -344,8 +381,19 @@ class Store:
         self._sealer = sealer
         self.guard = guard or RedisGuard()
 
-    def key(self, *parts: str) -> str:
-        return self.prefix + ":".join(parts)
+    def key(self, *parts: str, tag: str | None = None) -> str:
+        """``prefix + parts`` joined by colons, ending in ``{tag}`` when tagged.
+
+        Redis Cluster places a key by its first ``{...}`` only, so keys with one tag
+        share a hash slot and one script or transaction may touch them together. Keys
+        that an operation touches together carry the same tag (the identity id for a
+        credential and its identity's index); every other key stands alone and is
+        spread over the cluster. The prefix may hold no braces (settings refuse it)."""
+        if tag is None:
+            return self.prefix + ":".join(parts)
+        if not tag or "{" in tag or "}" in tag:
+            raise ValueError("a hash tag must be non-empty and hold no braces")
+        return self.prefix + ":".join((*parts, "{" + tag + "}"))
 
     # -- plain JSON -------------------------------------------------------------------
 
@@ -417,13 +465,9 @@ class Store:
 
     @_guarded
     def drop_index(self, index: str) -> int:
-        """Delete every key in ``index`` and the index; returns how many keys went."""
-        members = self.client.smembers(index)
-        keys = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
-        # One key per call: indexed keys may live on different Cluster slots.
-        dropped = sum(int(self.client.delete(k)) for k in keys)
-        self.client.delete(index)
-        return dropped
+        """Delete every key in ``index`` and the index, in one step; returns how many
+        keys went. The members must share the index's hash tag (``key(tag=...)``)."""
+        return int(self.client.eval(_INDEX_DROP, 1, index))
 
     @_guarded
     def ttl_seconds(self, key: str) -> float | None:
