@@ -1355,6 +1355,17 @@ def settings_from_mapping(
     )
 
 
+def redis_settings_from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> RedisSettings:
+    """The ``[redis]`` section alone, checked exactly as in a full load (for tools and
+    tests that talk to Redis only)."""
+    problems: list[str] = []
+    merged = _resolve_file_secrets(dict(raw), "redis", base_dir, problems)
+    parsed = _redis(_Reader(merged, "redis", problems), base_dir)
+    if problems:
+        raise ConfigError(problems)
+    return parsed
+
+
 def load_settings(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> Settings:
     environ = os.environ if env is None else env
     chosen = path or environ.get(CONFIG_ENV)

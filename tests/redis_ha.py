@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import datetime
 import functools
+import gc
 import ipaddress
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ from cryptography.x509.oid import NameOID
 
 from broker.devstack.processes import ManagedProcess, free_port
 from broker.devstack.redis_server import redis_binary
+from broker.settings import RedisSettings, redis_settings_from_mapping
+from broker.store import connect
 
 USER = "broker"
 PASSWORD = "s3cret-acl-password"  # a throwaway test server's
@@ -462,3 +465,53 @@ def _start_sentinel(workdir: Path, security: Security, master_port: int) -> Mana
         port=port,
         log_path=workdir / f"sentinel-{port}.log",
     )
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """One Redis deployment a contract test runs against: its broker [redis] keys, and
+    clients built the way the broker builds them (``broker.store.connect``)."""
+
+    kind: str  # standalone | cluster | sentinel
+    redis: dict[str, Any]  # the [redis] section, key_prefix aside
+
+    def settings(self, prefix: str = "test:") -> RedisSettings:
+        raw = {**self.redis, "key_prefix": prefix, "socket_timeout_seconds": 5.0}
+        return redis_settings_from_mapping(raw, base_dir=Path.cwd())
+
+    def connect(self) -> redis.Redis:
+        return connect(self.settings())
+
+
+def standalone_target(port: int) -> RedisTarget:
+    return RedisTarget("standalone", {"url": f"redis://127.0.0.1:{port}/0"})
+
+
+def cluster_target(cluster: Cluster) -> RedisTarget:
+    return RedisTarget("cluster", cluster.settings())
+
+
+def sentinel_target(group: SentinelGroup) -> RedisTarget:
+    return RedisTarget("sentinel", group.settings())
+
+
+def keys_matching(client: redis.Redis, pattern: str) -> list[bytes]:
+    """Every key matching ``pattern``, sorted: on a standalone Redis, or on every
+    Cluster primary."""
+    if isinstance(client, redis.RedisCluster):
+        nodes = [client.get_redis_connection(node) for node in client.get_primaries()]
+    else:
+        nodes = [client]
+    return sorted(key for node in nodes for key in node.scan_iter(match=pattern))
+
+
+def close_clients(clients: Iterable[redis.Redis]) -> None:
+    for client in clients:
+        client.close()
+    # redis-py's RedisCluster keeps a connection in a reference cycle after commands
+    # sent to every node (SCAN, KEYS); collected now, the connection closes its socket.
+    # Left to the end of the session, the socket may be finalized first and warn.
+    gc.collect()
