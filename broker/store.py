@@ -58,12 +58,14 @@ FAIL_FAST_SECONDS = 1.0
 OUTAGE_SUMMARY_SECONDS = 5.0
 # Faults that say Redis cannot serve us at all right now (down, frozen, failing over),
 # as opposed to an error answer to one command.
-_OUTAGE_ERRORS: tuple[type[redis.exceptions.RedisError], ...] = (
+_OUTAGE_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError,  # includes BusyLoadingError
     redis.exceptions.TimeoutError,
     redis.exceptions.ReadOnlyError,  # a replica promoted under us: failover in progress
     redis.exceptions.ClusterDownError,
     redis.exceptions.TryAgainError,
+    # Not a RedisError: no Cluster node reachable, or a slot no node serves.
+    redis.exceptions.RedisClusterException,
 )
 
 _NONCE_BYTES = 12
@@ -212,7 +214,7 @@ class RedisGuard:
             raise
         try:
             result = op()
-        except redis.exceptions.RedisError as exc:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
             metrics.redis_error(operation)
             outage = isinstance(exc, _OUTAGE_ERRORS)
             if outage and scope is not None:

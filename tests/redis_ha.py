@@ -279,13 +279,13 @@ class Cluster:
 
 @contextmanager
 def running_cluster(
-    workdir: Path, security: Security | None = None, *, masters: int = 3
+    workdir: Path, security: Security | None = None, *, masters: int = 3, replicas: bool = True
 ) -> Iterator[Cluster]:
-    """``masters`` masters with one replica each, every slot assigned, state ok."""
+    """``masters`` masters (with one replica each), every slot assigned, state ok."""
     security = security or Security()
     with ExitStack() as stack:
         nodes: list[ManagedProcess] = []
-        for _ in range(masters * 2):
+        for _ in range(masters * 2 if replicas else masters):
             port = _cluster_port()
             extra = [
                 *("--cluster-enabled", "yes"),
@@ -313,11 +313,11 @@ def running_cluster(
             command(clients[0], "CLUSTER", "MEET", "127.0.0.1", node.port)
         for client in clients:
             wait_for("every node to meet", functools.partial(_knows_all, client, len(nodes)))
-        for i in range(masters):
+        for i in range(masters if replicas else 0):
             command(clients[masters + i], "CLUSTER", "REPLICATE", ids[i])
         for client in clients:
             wait_for("cluster state ok", functools.partial(_cluster_ok, client))
-        for i in range(masters):
+        for i in range(masters if replicas else 0):
             wait_for("replicas in sync", functools.partial(replica_in_sync, clients[masters + i]))
         yield Cluster(nodes, security)
 
@@ -476,10 +476,10 @@ class RedisTarget:
     clients built the way the broker builds them (``broker.store.connect``)."""
 
     kind: str  # standalone | cluster | sentinel
-    redis: dict[str, Any]  # the [redis] section, key_prefix aside
+    section: dict[str, Any]  # the [redis] section, key_prefix aside
 
     def settings(self, prefix: str = "test:") -> RedisSettings:
-        raw = {**self.redis, "key_prefix": prefix, "socket_timeout_seconds": 5.0}
+        raw = {**self.section, "key_prefix": prefix, "socket_timeout_seconds": 5.0}
         return redis_settings_from_mapping(raw, base_dir=Path.cwd())
 
     def connect(self) -> redis.Redis:

@@ -160,7 +160,7 @@ def shared_broker(stack: Stack, redis_target: RedisTarget) -> Iterator[LiveBroke
         stack,
         f"http://127.0.0.1:{port}",
         rate_limit={"per_ip_per_minute": 0, "per_identity_per_minute": 0},
-        redis=redis_target.redis,
+        redis=redis_target.section,
     )
     yield from serve(settings, stack, port)
     gc.collect()  # see tests.redis_ha.close_clients

@@ -1,0 +1,321 @@
+"""Redis high availability on real processes: TLS and ACL credentials on every
+topology, and a live broker riding through a Sentinel failover under load.
+
+The topologies come from ``tests.redis_ha`` (real redis-server and redis-sentinel
+processes on loopback). Sentinel declares a master down after ``DOWN_AFTER_MS`` (1 s
+here) and fails over within a few seconds; the broker must follow the promotion without
+a restart, answer 503 with Retry-After during the gap (never a 500, never a 401 for a
+session that exists), and lose no session that had reached the replica.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from broker.devstack.processes import free_port
+from broker.devstack.stack import DEV_PROVIDER, Stack
+from broker.errors import StoreUnavailable
+from broker.sessions import SessionStore, cookie_name
+from broker.settings import ConfigError, RedisSettings, redis_settings_from_mapping
+from broker.store import RedisGuard, Sealer, Store, connect
+from tests.conftest import LiveBroker, make_settings, serve
+from tests.redis_ha import (
+    PASSWORD,
+    Security,
+    SentinelGroup,
+    command,
+    make_tls_files,
+    running_cluster,
+    running_sentinel_group,
+    start_node,
+    tls_redis_binary,
+)
+
+pytestmark = pytest.mark.integration
+
+SEALER = Sealer([os.urandom(32)])
+
+
+# --------------------------------------------------------------------------- TLS + ACL
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Security:
+    """Mutual TLS with a throwaway CA, and an ACL user (the default user is off)."""
+    workdir = tmp_path_factory.mktemp("tls")
+    return Security(
+        tls=make_tls_files(workdir / "certs"), acl=True, binary=tls_redis_binary(workdir / "bin")
+    )
+
+
+@contextlib.contextmanager
+def secure_topology(kind: str, workdir: Path, security: Security) -> Iterator[dict[str, Any]]:
+    """A running ``kind`` topology; yields its [redis] section (password aside)."""
+    if kind == "standalone":
+        node = start_node(workdir, security)
+        try:
+            yield {"url": f"rediss://127.0.0.1:{node.port}/0", **security.settings()}
+        finally:
+            node.stop()
+    elif kind == "cluster":
+        with running_cluster(workdir, security, replicas=False) as cluster:
+            yield cluster.settings()
+    else:
+        with running_sentinel_group(workdir, security) as group:
+            yield group.settings()
+
+
+# How a wrong client setting must fail: a clean StoreUnavailable (a 503), never in.
+WRONG: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
+    ("wrong password", {"password": "not-the-password"}, ()),
+    ("unknown user", {"username": "mallory"}, ()),
+    ("no client certificate", {}, ("tls_cert_path", "tls_key_path")),
+    ("server certificate not trusted (system CAs only)", {}, ("tls_ca_path",)),
+]
+SENTINEL_WRONG: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
+    ("wrong sentinel password", {"sentinel_password": "not-the-password"}, ()),
+    ("no sentinel password", {}, ("sentinel_password",)),
+]
+
+
+@pytest.mark.parametrize("kind", ["standalone", "sentinel", "cluster"])
+def test_tls_and_acl_credentials_reach_every_topology(
+    kind: str, secure: Security, tmp_path: Path
+) -> None:
+    with secure_topology(kind, tmp_path / "redis", secure) as section:
+        # The password comes from a secret file, as an orchestrator mounts it.
+        (tmp_path / "redis-password").write_text(PASSWORD + "\n")
+        good = {k: v for k, v in section.items() if k != "password"}
+        good.update(password_file="redis-password", key_prefix="tls:", socket_timeout_seconds=2)
+        settings = redis_settings_from_mapping(good, base_dir=tmp_path)
+        assert settings.tls
+        assert settings.password == PASSWORD
+        assert PASSWORD not in repr(settings)
+
+        client = connect(settings)
+        try:
+            store = Store(client=client, prefix="tls:", sealer=SEALER)
+            assert store.ping()
+            key = store.key("session", "abc")
+            store.set_sealed(key, {"who": "alice"}, ttl=30)
+            assert store.get_sealed(key) == {"who": "alice"}
+            index = store.key("creds-index", tag="id-1")
+            member = store.key("creds", "d1", tag="id-1")
+            store.set_sealed(member, {"k": 1}, ttl=30)
+            store.index_add(index, member, ttl=30)
+            assert store.drop_index(index) == 1
+            with store.lock("tls-lock", timeout=5, wait=1) as acquired:
+                assert acquired
+        finally:
+            client.close()
+
+        rows = WRONG + (SENTINEL_WRONG if kind == "sentinel" else [])
+        for what, changes, dropped in rows:
+            gone = (*dropped, "password_file") if "password" in changes else dropped
+            bad = {k: v for k, v in {**good, **changes}.items() if k not in gone}
+            refusal = _refusal(redis_settings_from_mapping(bad, base_dir=tmp_path))
+            # RedisCluster connects when built (to learn the slots): refused there.
+            assert isinstance(refusal, StoreUnavailable | redis.exceptions.RedisClusterException), (
+                f"{kind}: {what}: {refusal!r}"
+            )
+
+
+def _refusal(settings: RedisSettings) -> BaseException | None:
+    """What connecting and one PING raised, if anything."""
+    try:
+        client = connect(settings)
+    except Exception as exc:
+        return exc
+    try:
+        Store(client=client, prefix="tls:", sealer=SEALER).ping()
+    except Exception as exc:
+        return exc
+    finally:
+        client.close()
+    return None
+
+
+@pytest.mark.parametrize(
+    ("section", "problem"),
+    [
+        ({"url": "rediss://h:1/0", "tls": False}, "redis.tls: must match the URL"),
+        ({"url": "redis://h:1/0", "tls": True}, "redis.tls: must match the URL"),
+        ({"url": "redis://:pw@h:1/0"}, "redis.url: must not carry a password"),
+        ({"tls_ca_path": "/nonexistent/ca.crt", "url": "rediss://h:1/0"}, "redis.tls_ca_path"),
+        ({"tls_cert_path": "ca.crt", "url": "rediss://h:1/0"}, "needs both tls_cert_path"),
+        ({"tls_ca_path": "ca.crt"}, "redis.tls: tls_*_path is set but TLS is off"),
+        ({"key_prefix": "{broker}:"}, "redis.key_prefix: must not contain { or }"),
+        ({"sentinel_password": "x"}, "redis.sentinel_password: is only used in sentinel"),
+        ({"password_file": "missing"}, "redis.password_file: cannot read"),
+        ({"password": "x", "password_file": "ca.crt"}, "set either password or password_file"),
+    ],
+)
+def test_redis_security_settings_are_checked(
+    section: dict[str, Any], problem: str, tmp_path: Path
+) -> None:
+    (tmp_path / "ca.crt").write_text("not really a certificate, but readable")
+    with pytest.raises(ConfigError) as caught:
+        redis_settings_from_mapping(section, base_dir=tmp_path)
+    assert any(problem in p for p in caught.value.problems), caught.value.problems
+
+
+# --------------------------------------------------------------------------- Sentinel
+
+
+@pytest.fixture(scope="module")
+def sentinel_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
+    with running_sentinel_group(tmp_path_factory.mktemp("sentinel")) as group:
+        yield group
+
+
+@dataclass(frozen=True)
+class Answer:
+    at: float
+    what: str  # credentials | session
+    status: int
+    retry_after: str | None
+    body: dict[str, Any]
+
+
+def test_a_live_broker_follows_a_sentinel_failover_under_load(
+    stack: Stack, sentinel_group: SentinelGroup
+) -> None:
+    group = sentinel_group
+    port = free_port()
+    settings = make_settings(
+        stack,
+        f"http://127.0.0.1:{port}",
+        redis={**group.settings(), "socket_timeout_seconds": 1.0},
+        rate_limit={"per_ip_per_minute": 0, "per_identity_per_minute": 0},
+        # Every request asks Redis: no worker memory, no replay answers.
+        cache={"local_seconds": 0, "replay": False},
+    )
+    with contextlib.contextmanager(serve)(settings, stack, port) as live:
+        sessions = _sessions(live, 20)
+        with redis.Redis(port=group.master.port, socket_timeout=5) as master:
+            # Every session has reached the replica before the master dies.
+            assert command(master, "WAIT", 1, 5000) >= 1
+
+        nonce = secrets.token_urlsafe(8)
+        token = live.id_token("bob", nonce=nonce)  # a demo user the dev rules allow
+        answers: list[Answer] = []
+        stop = threading.Event()
+
+        def load(worker: int) -> None:
+            http = requests.Session()
+            i = worker
+            while not stop.is_set():
+                i += 1
+                if i % 2:
+                    r = http.post(
+                        f"{live.url}/v1/credentials",
+                        json={"provider": DEV_PROVIDER, "token": token, "nonce": nonce},
+                        timeout=10,
+                    )
+                    what = "credentials"
+                else:
+                    r = http.get(
+                        f"{live.url}/v1/session",
+                        cookies={cookie_name(settings.web): sessions[i % len(sessions)]},
+                        timeout=10,
+                    )
+                    what = "session"
+                body = r.json() if r.headers.get("Content-Type") == "application/json" else {}
+                answers.append(
+                    Answer(
+                        time.monotonic(), what, r.status_code, r.headers.get("Retry-After"), body
+                    )
+                )
+                time.sleep(0.02)
+
+        threads = [threading.Thread(target=load, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(1.0)
+            killed_at = time.monotonic()
+            os.killpg(group.master.proc.pid, signal.SIGKILL)
+            # Until the replica is promoted and the broker answers again for a while.
+            deadline = killed_at + 30
+            while time.monotonic() < deadline:
+                recent = [a for a in answers[-20:] if a.at > killed_at + 1]
+                if (
+                    group.master_port() == group.replica.port
+                    and len(recent) == 20
+                    and all(a.status == 200 for a in recent)
+                ):
+                    break
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(15)
+
+        statuses = {a.status for a in answers}
+        assert statuses <= {200, 503}, [a for a in answers if a.status not in (200, 503)][:3]
+        gap = [a for a in answers if a.status == 503]
+        assert gap, "the master's death was never noticed: the test proved nothing"
+        for answer in gap:
+            assert answer.retry_after
+            assert int(answer.retry_after) > 0
+            assert answer.body.get("error"), answer
+        assert group.master_port() == group.replica.port  # promoted, and the broker...
+        after = [a for a in answers if a.at > gap[-1].at]
+        assert after
+        assert all(a.status == 200 for a in after)  # ...followed, without a restart
+        assert {a.what for a in after} == {"credentials", "session"}
+        outage = gap[-1].at - gap[0].at
+        assert outage < 20, f"503s for {outage:.1f} s"
+
+        # No session that had been replicated is lost.
+        for session_id in sessions:
+            r = requests.get(
+                f"{live.url}/v1/session",
+                cookies={cookie_name(settings.web): session_id},
+                timeout=10,
+            )
+            assert r.status_code == 200, r.text
+
+
+def _sessions(live: LiveBroker, count: int) -> list[str]:
+    """``count`` browser sessions created by the broker's own session store."""
+    store = SessionStore(store=live.services.store, settings=live.settings.web)
+    out = []
+    for n in range(count):
+        nonce = secrets.token_urlsafe(8)
+        token = live.id_token(f"session-user-{n}", nonce=nonce)
+        verified = live.services.provider(DEV_PROVIDER).verify(token, nonce=nonce)
+        out.append(store.create(verified, refresh_token=None).session_id)
+    return out
+
+
+def test_the_guard_keeps_one_timeout_budget_on_sentinel(sentinel_group: SentinelGroup) -> None:
+    """Sentinel mode keeps connect()'s promises: no retries, socket timeouts as set."""
+    group = sentinel_group
+    settings = replace(
+        redis_settings_from_mapping(
+            {**group.settings(), "socket_timeout_seconds": 0.5}, base_dir=Path.cwd()
+        ),
+    )
+    client = connect(settings)
+    try:
+        pool_kwargs = client.connection_pool.connection_kwargs
+        assert pool_kwargs["socket_timeout"] == 0.5
+        assert pool_kwargs["retry"].get_retries() == 0
+        store = Store(client=client, prefix="guard:", sealer=SEALER, guard=RedisGuard())
+        assert store.ping()
+    finally:
+        client.close()
