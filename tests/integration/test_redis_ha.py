@@ -11,12 +11,16 @@ session that exists), and lose no session that had reached the replica.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,12 +30,19 @@ import redis
 import requests
 
 from broker.devstack.processes import free_port
-from broker.devstack.stack import DEV_PROVIDER, Stack
+from broker.devstack.stack import DEV_PROVIDER, Stack, dump_toml
 from broker.errors import StoreUnavailable
+from broker.services import Services
 from broker.sessions import SessionStore, cookie_name
-from broker.settings import ConfigError, RedisSettings, redis_settings_from_mapping
+from broker.settings import (
+    ConfigError,
+    RedisSettings,
+    redis_settings_from_mapping,
+    settings_from_mapping,
+)
 from broker.store import RedisGuard, Sealer, Store, connect
 from tests.conftest import LiveBroker, make_settings, serve
+from tests.integration.test_serve import wait_until_ready
 from tests.redis_ha import (
     PASSWORD,
     Security,
@@ -319,3 +330,110 @@ def test_the_guard_keeps_one_timeout_budget_on_sentinel(sentinel_group: Sentinel
         assert store.ping()
     finally:
         client.close()
+
+
+# --------------------------------------------------------------------------- two nodes
+
+
+@contextlib.contextmanager
+def broker_node(config: dict[str, Any], workdir: Path, port: int) -> Iterator[tuple[str, Path]]:
+    """One `broker serve` (a gunicorn master with two workers) on ``config``."""
+    url = f"http://127.0.0.1:{port}"
+    config_path = workdir / f"broker-{port}.toml"
+    config_path.write_text(dump_toml(config))
+    stderr = workdir / f"broker-{port}.log"
+    with stderr.open("w") as err:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "broker.cli", "serve", "--config", str(config_path)),
+                *("--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "4"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        try:
+            wait_until_ready(url, process, stderr)
+            yield url, stderr
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+
+
+LOCAL_SECONDS = 2
+
+
+def test_two_broker_nodes_share_singleflight_and_sign_outs(
+    stack: Stack, broker: LiveBroker, tmp_path: Path
+) -> None:
+    """Two gunicorn masters on one Redis: a burst for one identity across both makes one
+    STS call (one set of credentials, every answer the same), and a sign-out on one
+    ends the session on the other at once and its cached credentials within
+    ``cache.local_seconds``."""
+    # One configuration for both, as behind a load balancer: the public URL is part of
+    # the config version, and so of every credential cache key.
+    port_a, port_b = free_port(), free_port()
+    public_url = f"http://127.0.0.1:{port_a}"
+    config = stack.config(public_url)
+    config["redis"]["key_prefix"] = f"nodes-{secrets.token_hex(4)}:"
+    config["cache"] = {**config.get("cache", {}), "local_seconds": LOCAL_SECONDS}
+    config["rate_limit"] = {"per_ip_per_minute": 0, "per_identity_per_minute": 0}
+    with (
+        broker_node(config, tmp_path, port_a) as (a, a_log),
+        broker_node(config, tmp_path, port_b) as (b, b_log),
+    ):
+        nonce = secrets.token_urlsafe(8)
+        token = broker.id_token("bob", nonce=nonce)
+        body = {"provider": DEV_PROVIDER, "token": token, "nonce": nonce}
+
+        def ask(url: str) -> requests.Response:
+            return requests.post(f"{url}/v1/credentials", json=body, timeout=30)
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            answers = list(pool.map(ask, [a, b] * 16))
+        assert {r.status_code for r in answers} == {200}, [r.text for r in answers][:2]
+        keys = {r.json()["credentials"]["AccessKeyId"] for r in answers}
+        assert len(keys) == 1, f"{len(keys)} STS calls for one identity"
+        (key,) = keys
+        for log_file in (a_log, b_log):  # both nodes answered, with those credentials
+            issued = [
+                line
+                for line in map(json.loads, log_file.read_text().splitlines())
+                if line.get("event") == "credentials_issued"
+            ]
+            assert issued
+            assert {line["access_key_id"] for line in issued} == {key}
+
+        # A browser session for the same person, signed out on node A.
+        settings = settings_from_mapping(config, env={}, base_dir=tmp_path, source="test")
+        services = Services.build(settings)
+        try:
+            sign_in = secrets.token_urlsafe(8)
+            verified = services.provider(DEV_PROVIDER).verify(
+                broker.id_token("bob", nonce=sign_in), nonce=sign_in
+            )
+            ws = SessionStore(store=services.store, settings=settings.web).create(
+                verified, refresh_token=None
+            )
+        finally:
+            services.close()
+        cookies = {cookie_name(settings.web): ws.session_id}
+        assert requests.get(f"{b}/v1/session", cookies=cookies, timeout=10).status_code == 200
+        assert ask(b).json()["credentials"]["AccessKeyId"] == key  # B holds them in memory
+
+        r = requests.post(
+            f"{a}/logout",
+            data={"csrf_token": ws.csrf_token},
+            cookies=cookies,
+            headers={"Origin": public_url},
+            allow_redirects=False,
+            timeout=10,
+        )
+        assert r.status_code == 303, r.text
+        signed_out = time.monotonic()
+        # The session lives in Redis only: gone on B at once.
+        assert requests.get(f"{b}/v1/session", cookies=cookies, timeout=10).status_code == 401
+        # B's workers may hand out their copy of the credentials for local_seconds, no more.
+        time.sleep(LOCAL_SECONDS + 0.5)
+        fresh = {ask(b).json()["credentials"]["AccessKeyId"] for _ in range(4)}
+        assert key not in fresh, "node B still serves credentials of a signed-out identity"
+        assert time.monotonic() - signed_out < LOCAL_SECONDS + 5
