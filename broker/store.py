@@ -459,17 +459,33 @@ class Store:
 
     # -- indexes (a set of keys that belong together) -----------------------------------
 
-    @_guarded
     def index_add(self, index: str, member: str, *, ttl: float) -> None:
         """Add ``member`` to ``index`` and stretch the index's TTL to cover it (never
-        shorten it), in one step."""
+        shorten it), in one step. A tagged index (``key(tag=...)``) takes only members
+        with its tag, so ``drop_index`` can drop them all in one step."""
+        tag = hash_tag(index)
+        if tag is not None and hash_tag(member) != tag:
+            raise ValueError("a tagged index takes only members with the same hash tag")
+        self._index_add(index, member, ttl)
+
+    @_guarded
+    def _index_add(self, index: str, member: str, ttl: float) -> None:
         self.client.eval(_INDEX_ADD, 1, index, member, math.ceil(ttl * 1000))
 
     @_guarded
     def drop_index(self, index: str) -> int:
-        """Delete every key in ``index`` and the index, in one step; returns how many
-        keys went. The members must share the index's hash tag (``key(tag=...)``)."""
-        return int(self.client.eval(_INDEX_DROP, 1, index))
+        """Delete every key in ``index`` and the index; returns how many keys went.
+
+        A tagged index goes in one atomic script (its members share its hash slot). An
+        untagged one (members spread over Cluster slots: sessions, whose keys come from
+        the cookie alone) is read, then emptied one key per call."""
+        if hash_tag(index) is not None:
+            return int(self.client.eval(_INDEX_DROP, 1, index))
+        members = self.client.smembers(index)
+        keys = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+        dropped = sum(int(self.client.delete(k)) for k in keys)
+        self.client.delete(index)
+        return dropped
 
     @_guarded
     def ttl_seconds(self, key: str) -> float | None:
@@ -542,6 +558,16 @@ class Store:
                 # Logged by the guard; the lock's TTL frees it.
                 with suppress(StoreUnavailable):
                     self.guard.call(lambda: _release(lock), operation="unlock")
+
+
+def hash_tag(key: str) -> str | None:
+    """The part of ``key`` Redis Cluster hashes, when not the whole key: the text
+    between the first ``{`` and the next ``}``, if not empty."""
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    return key[start + 1 : end] if end > start + 1 else None
 
 
 def _release(lock: Any) -> None:

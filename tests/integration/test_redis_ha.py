@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import redis
 import requests
+from redis.crc import key_slot
 
 from broker.devstack.processes import free_port
 from broker.devstack.stack import DEV_PROVIDER, Stack, dump_toml
@@ -37,16 +38,19 @@ from broker.sessions import SessionStore, cookie_name
 from broker.settings import (
     ConfigError,
     RedisSettings,
+    WebSettings,
     redis_settings_from_mapping,
     settings_from_mapping,
 )
-from broker.store import RedisGuard, Sealer, Store, connect
+from broker.store import RedisGuard, Sealer, Store, connect, hash_tag
 from tests.conftest import LiveBroker, make_settings, serve
 from tests.integration.test_serve import wait_until_ready
 from tests.redis_ha import (
     PASSWORD,
+    RedisTarget,
     Security,
     SentinelGroup,
+    close_clients,
     command,
     make_tls_files,
     running_cluster,
@@ -301,9 +305,18 @@ def test_a_live_broker_follows_a_sentinel_failover_under_load(
             assert r.status_code == 200, r.text
 
 
+def web_sessions(store: Store, web: WebSettings) -> SessionStore:
+    """The browser session store, as the broker builds it."""
+    return SessionStore(
+        store=store,
+        idle_seconds=web.session_idle_seconds,
+        absolute_seconds=web.session_absolute_seconds,
+    )
+
+
 def _sessions(live: LiveBroker, count: int) -> list[str]:
     """``count`` browser sessions created by the broker's own session store."""
-    store = SessionStore(store=live.services.store, settings=live.settings.web)
+    store = web_sessions(live.services.store, live.settings.web)
     out = []
     for n in range(count):
         nonce = secrets.token_urlsafe(8)
@@ -411,9 +424,7 @@ def test_two_broker_nodes_share_singleflight_and_sign_outs(
             verified = services.provider(DEV_PROVIDER).verify(
                 broker.id_token("bob", nonce=sign_in), nonce=sign_in
             )
-            ws = SessionStore(store=services.store, settings=settings.web).create(
-                verified, refresh_token=None
-            )
+            ws = web_sessions(services.store, settings.web).create(verified, refresh_token=None)
         finally:
             services.close()
         cookies = {cookie_name(settings.web): ws.session_id}
@@ -437,3 +448,50 @@ def test_two_broker_nodes_share_singleflight_and_sign_outs(
         fresh = {ask(b).json()["credentials"]["AccessKeyId"] for _ in range(4)}
         assert key not in fresh, "node B still serves credentials of a signed-out identity"
         assert time.monotonic() - signed_out < LOCAL_SECONDS + 5
+
+
+# --------------------------------------------------------------------------- hash tags
+
+
+@pytest.mark.parametrize(
+    ("key", "tag"),
+    [
+        ("broker:creds:abc:{us-east-1:1234}", "us-east-1:1234"),
+        ("broker:creds-index:{id}", "id"),
+        ("broker:session:abc", None),
+        ("broker:{}:x", None),  # empty braces: Redis hashes the whole key
+        ("broker:{a}{b}", "a"),  # only the first tag counts
+        ("broker:}{a}", "a"),
+        ("broker:{open", None),
+    ],
+)
+def test_hash_tag_reads_keys_as_redis_cluster_does(key: str, tag: str | None) -> None:
+    assert hash_tag(key) == tag
+    if tag is not None:
+        assert key_slot(key.encode()) == key_slot(tag.encode())
+
+
+def test_indexes_drop_their_members_on_every_topology(redis_target: RedisTarget) -> None:
+    """A tagged index (credentials of one identity) and an untagged one (CLI sessions,
+    spread over slots) both drop every member, on a standalone Redis and on a Cluster."""
+    client = redis_target.connect()
+    try:
+        store = Store(client=client, prefix=f"ix-{secrets.token_hex(4)}:", sealer=SEALER)
+        tagged = store.key("creds-index", tag="id-1")
+        members = [store.key("creds", f"d{n}", tag="id-1") for n in range(5)]
+        untagged = store.key("cli-sessions-of", "id-1")
+        sessions = [store.key("cli-session", f"s{n}") for n in range(5)]
+        for index, keys in ((tagged, members), (untagged, sessions)):
+            for key in keys:
+                store.set_sealed(key, {"k": key}, ttl=30)
+                store.index_add(index, key, ttl=30)
+        if redis_target.kind == "cluster":  # the untagged members really are spread
+            assert len({key_slot(k.encode()) for k in sessions}) > 1
+        assert store.drop_index(tagged) == 5
+        assert store.drop_index(untagged) == 5
+        assert all(store.get_sealed(k) is None for k in members + sessions)
+        assert store.drop_index(tagged) == 0
+        with pytest.raises(ValueError, match="same hash tag"):
+            store.index_add(tagged, store.key("creds", "x", tag="id-2"), ttl=30)
+    finally:
+        close_clients([client])
