@@ -14,6 +14,11 @@ release included, goes through one guard, so
   failed the rest of that request fails at once, and for ``FAIL_FAST_SECONDS`` after a
   fault every call in the process fails at once; then one call probes Redis while the
   others keep failing fast;
+* with Sentinel, each new connection asks the sentinels for the master, so a promoted
+  replica is followed without a restart; with Cluster, keys one script or transaction
+  touches together share a hash slot (``Store.key``'s tag), and a Cluster that cannot be
+  reached, at start-up included, is an outage like any other (the client is built on
+  first use);
 * an outage is logged as one warning naming the cause, then one summary every
   ``OUTAGE_SUMMARY_SECONDS`` while it lasts, then one line when Redis answers again:
   never a traceback per request.
@@ -32,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import redis
 import redis.exceptions
@@ -344,8 +349,59 @@ def connect(settings: RedisSettings) -> redis.Redis:
         # Every operation touching several keys keeps them in one slot (see Store.key).
         # Its own retry (10 attempts by default, rediscovering the cluster in between)
         # is switched off as well; MOVED/ASK redirects are still followed.
-        return RedisCluster.from_url(settings.url, **common)  # type: ignore[return-value]
+        url = settings.url
+        lazy = _LazyCluster(
+            lambda: RedisCluster.from_url(url, **common),
+            wait_seconds=2 * settings.socket_timeout_seconds,
+        )
+        return cast(redis.Redis, lazy)
     return redis.Redis.from_url(settings.url, **common)
+
+
+class _LazyCluster:
+    """A RedisCluster built on first use rather than at start-up.
+
+    RedisCluster asks a node for the slot map in its constructor, so building it while
+    no node answers would raise and stop the worker from booting. Built here on the
+    first call instead: until it succeeds each call fails like any outage (a 503).
+    Calls arriving while another thread builds wait for it (at most one socket
+    timeout: the build is one connect and one CLUSTER SLOTS) and, if that build fails,
+    fail with it rather than try again in turn.
+    """
+
+    def __init__(self, build: Callable[[], Any], *, wait_seconds: float) -> None:
+        self._build = build
+        self._wait_seconds = wait_seconds
+        self._client: Any = None
+        self._building = threading.Lock()
+        self._failures = 0  # builds that failed so far
+
+    def _get(self) -> Any:
+        client = self._client
+        if client is not None:
+            return client
+        failures = self._failures
+        if not self._building.acquire(timeout=self._wait_seconds):
+            raise redis.exceptions.TimeoutError("the Redis Cluster client is still being built")
+        try:
+            if self._client is None:
+                if self._failures != failures:
+                    raise redis.exceptions.ConnectionError("Redis Cluster unreachable")
+                try:
+                    self._client = self._build()
+                except BaseException:
+                    self._failures += 1
+                    raise
+            return self._client
+        finally:
+            self._building.release()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._get(), name)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
 
 
 def _auth(username: str | None, password: str | None) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 from cryptography import x509
@@ -501,8 +501,9 @@ def sentinel_target(group: SentinelGroup) -> RedisTarget:
 def keys_matching(client: redis.Redis, pattern: str) -> list[bytes]:
     """Every key matching ``pattern``, sorted: on a standalone Redis, or on every
     Cluster primary."""
-    if isinstance(client, redis.RedisCluster):
-        nodes = [client.get_redis_connection(node) for node in client.get_primaries()]
+    if hasattr(client, "get_primaries"):  # a RedisCluster (connect() builds it lazily)
+        cluster = cast(redis.RedisCluster, client)
+        nodes = [cluster.get_redis_connection(node) for node in cluster.get_primaries()]  # type: ignore[no-untyped-call]
     else:
         nodes = [client]
     return sorted(key for node in nodes for key in node.scan_iter(match=pattern))

@@ -47,6 +47,7 @@ from tests.conftest import LiveBroker, make_settings, serve
 from tests.integration.test_serve import wait_until_ready
 from tests.redis_ha import (
     PASSWORD,
+    Cluster,
     RedisTarget,
     Security,
     SentinelGroup,
@@ -142,7 +143,6 @@ def test_tls_and_acl_credentials_reach_every_topology(
             gone = (*dropped, "password_file") if "password" in changes else dropped
             bad = {k: v for k, v in {**good, **changes}.items() if k not in gone}
             refusal = _refusal(redis_settings_from_mapping(bad, base_dir=tmp_path))
-            # RedisCluster connects when built (to learn the slots): refused there.
             assert isinstance(refusal, StoreUnavailable | redis.exceptions.RedisClusterException), (
                 f"{kind}: {what}: {refusal!r}"
             )
@@ -161,6 +161,27 @@ def _refusal(settings: RedisSettings) -> BaseException | None:
     finally:
         client.close()
     return None
+
+
+def test_a_cluster_unreachable_at_start_is_a_503_then_found(
+    tmp_path: Path, redis_cluster: Cluster
+) -> None:
+    """Workers boot while no Cluster node answers (503s), and find the Cluster later."""
+    down = connect(
+        redis_settings_from_mapping(
+            {"mode": "cluster", "url": f"redis://127.0.0.1:{free_port()}/0"}, base_dir=tmp_path
+        )
+    )
+    store = Store(client=down, prefix="lazy:", sealer=SEALER)
+    with pytest.raises(StoreUnavailable):
+        store.ping()
+    down.close()
+
+    up = connect(redis_settings_from_mapping(redis_cluster.settings(), base_dir=tmp_path))
+    try:
+        assert Store(client=up, prefix="lazy:", sealer=SEALER).ping()
+    finally:
+        close_clients([up])
 
 
 @pytest.mark.parametrize(
