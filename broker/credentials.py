@@ -100,7 +100,9 @@ class CredentialService:
             return self._assume(identity, grant)
 
         digest = self._digest(identity.identity_id, grant)
-        key = self._store.key("creds", digest)
+        # Tagged with the identity: forget() drops an identity's entries and their
+        # index in one script, which Redis Cluster runs only within one hash slot.
+        key = self._store.key("creds", digest, tag=identity.identity_id)
         cached = self._local.get(key)
         if cached is not None and self._lasts(cached, min_left):
             metrics.cache_result("memory")
@@ -254,7 +256,7 @@ class CredentialService:
         return hashlib.sha256(material.encode()).hexdigest()
 
     def _index_key(self, identity_id: str) -> str:
-        return self._store.key("creds-index", identity_id)
+        return self._store.key("creds-index", tag=identity_id)
 
     def _lasts(self, issued: IssuedCredentials, min_left: float) -> bool:
         return not min_left or issued.expiration.timestamp() - self._clock() >= min_left

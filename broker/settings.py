@@ -161,6 +161,20 @@ class RedisSettings:
     mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
     sentinels: tuple[tuple[str, int], ...] = ()
     sentinel_service: str = ""
+    # ACL user (Redis 6+) and password for the data nodes (standalone, the Sentinel
+    # master, every Cluster node); a password without a user is the legacy AUTH.
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    # The sentinels' own credentials, when they require AUTH (often different).
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    # TLS to every node (and, in Sentinel mode, to the sentinels too). The server
+    # certificate and its hostname are always verified: against tls_ca_path when set,
+    # else the system's CAs. A client certificate is sent when tls_cert_path is set.
+    tls: bool = False
+    tls_ca_path: str | None = None
+    tls_cert_path: str | None = None
+    tls_key_path: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -620,7 +634,7 @@ def _server(r: _Reader) -> ServerSettings:
     return s
 
 
-def _redis(r: _Reader) -> RedisSettings:
+def _redis(r: _Reader, base: Path) -> RedisSettings:
     mode = r.text("mode", "standalone")
     if mode not in {"standalone", "sentinel", "cluster"}:
         r.problem("mode", "must be standalone, sentinel or cluster")
@@ -632,20 +646,65 @@ def _redis(r: _Reader) -> RedisSettings:
         else:
             sentinels.append((host, int(port)))
     url = r.text("url", "redis://127.0.0.1:6379/0")
-    if isinstance(url, str) and urlsplit(url).scheme not in {"redis", "rediss", "unix"}:
+    scheme = urlsplit(url).scheme if isinstance(url, str) else ""
+    if isinstance(url, str) and scheme not in {"redis", "rediss", "unix"}:
         r.problem("url", "must be a redis://, rediss:// or unix:// URL")
+    if isinstance(url, str) and urlsplit(url).password:
+        # The URL is shown in messages and settings dumps; a secret must not be.
+        r.problem("url", "must not carry a password: set redis.password or redis.password_file")
+    tls = r.flag("tls", scheme == "rediss")
+    if mode != "sentinel" and isinstance(tls, bool) and tls != (scheme == "rediss"):
+        # redis-py takes TLS from the URL scheme: a mismatch would silently win one way.
+        r.problem("tls", "must match the URL: rediss:// for TLS, redis:// without")
+    paths = {name: _readable_path(r, name, base) for name in _TLS_PATHS}
+    if not tls and any(paths.values()):
+        r.problem("tls", "tls_*_path is set but TLS is off (set tls = true or use rediss://)")
+    if bool(paths["tls_cert_path"]) != bool(paths["tls_key_path"]):
+        r.problem("tls_cert_path", "a client certificate needs both tls_cert_path and tls_key_path")
+    prefix = r.text("key_prefix", "broker:")
+    if isinstance(prefix, str) and ("{" in prefix or "}" in prefix):
+        # A hash tag in the prefix would put every key in one Cluster slot, and beat the
+        # per-identity tags the store adds (Redis hashes the first {...} only).
+        r.problem("key_prefix", "must not contain { or } (Redis Cluster hash tags)")
     s = RedisSettings(
         url=url,
-        key_prefix=r.text("key_prefix", "broker:"),
+        key_prefix=prefix,
         socket_timeout_seconds=r.number("socket_timeout_seconds", 2.0, lo=0.05, hi=60),
         mode=mode,
         sentinels=tuple(sentinels),
         sentinel_service=r.text("sentinel_service", "", allow_empty=True),
+        username=r.opt_str("username"),
+        password=r.opt_str("password"),
+        sentinel_username=r.opt_str("sentinel_username"),
+        sentinel_password=r.opt_str("sentinel_password"),
+        tls=tls,
+        **paths,
     )
     if mode == "sentinel" and (not sentinels or not s.sentinel_service):
         r.problem("mode", "sentinel mode needs sentinels and sentinel_service")
+    if mode != "sentinel" and (s.sentinel_username or s.sentinel_password):
+        r.problem("sentinel_password", "is only used in sentinel mode")
     r.finish()
     return s
+
+
+# Paths, not ``*_file`` keys: redis-py's TLS needs file names, and ``*_file`` keys are
+# read into the value of their key (secrets from files).
+_TLS_PATHS = ("tls_ca_path", "tls_cert_path", "tls_key_path")
+
+
+def _readable_path(r: _Reader, name: str, base: Path) -> str | None:
+    """An absolute path to a readable file (relative ones from the config's folder)."""
+    value = r.opt_str(name)
+    if value is None:
+        return None
+    path = (base / value).expanduser()
+    try:
+        path.open("rb").close()
+    except OSError as exc:
+        r.problem(name, f"cannot read {path}: {exc.strerror}")
+        return None
+    return str(path)
 
 
 def _security(r: _Reader) -> SecuritySettings:
@@ -1238,7 +1297,7 @@ def settings_from_mapping(
     top = _Reader(merged, "", problems)
     sections: dict[str, Callable[[_Reader], Any]] = {
         "server": _server,
-        "redis": _redis,
+        "redis": lambda r: _redis(r, base),
         "security": _security,
         "sts": _sts,
         "cache": _cache,
@@ -1294,6 +1353,17 @@ def settings_from_mapping(
         config_version=version,
         source=source,
     )
+
+
+def redis_settings_from_mapping(raw: Mapping[str, Any], *, base_dir: Path) -> RedisSettings:
+    """The ``[redis]`` section alone, checked exactly as in a full load (for tools and
+    tests that talk to Redis only)."""
+    problems: list[str] = []
+    merged = _resolve_file_secrets(dict(raw), "redis", base_dir, problems)
+    parsed = _redis(_Reader(merged, "redis", problems), base_dir)
+    if problems:
+        raise ConfigError(problems)
+    return parsed
 
 
 def load_settings(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> Settings:

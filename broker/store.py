@@ -14,6 +14,11 @@ release included, goes through one guard, so
   failed the rest of that request fails at once, and for ``FAIL_FAST_SECONDS`` after a
   fault every call in the process fails at once; then one call probes Redis while the
   others keep failing fast;
+* with Sentinel, each new connection asks the sentinels for the master, so a promoted
+  replica is followed without a restart; with Cluster, keys one script or transaction
+  touches together share a hash slot (``Store.key``'s tag), and a Cluster that cannot be
+  reached, at start-up included, is an outage like any other (the client is built on
+  first use);
 * an outage is logged as one warning naming the cause, then one summary every
   ``OUTAGE_SUMMARY_SECONDS`` while it lasts, then one line when Redis answers again:
   never a traceback per request.
@@ -32,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import redis
 import redis.exceptions
@@ -58,12 +63,14 @@ FAIL_FAST_SECONDS = 1.0
 OUTAGE_SUMMARY_SECONDS = 5.0
 # Faults that say Redis cannot serve us at all right now (down, frozen, failing over),
 # as opposed to an error answer to one command.
-_OUTAGE_ERRORS: tuple[type[redis.exceptions.RedisError], ...] = (
+_OUTAGE_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError,  # includes BusyLoadingError
     redis.exceptions.TimeoutError,
     redis.exceptions.ReadOnlyError,  # a replica promoted under us: failover in progress
     redis.exceptions.ClusterDownError,
     redis.exceptions.TryAgainError,
+    # Not a RedisError: no Cluster node reachable, or a slot no node serves.
+    redis.exceptions.RedisClusterException,
 )
 
 _NONCE_BYTES = 12
@@ -102,6 +109,18 @@ if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 1
+"""
+
+# Every member key, then the index, in one step: a credential cached while a sign-out
+# runs is either dropped with the rest or indexed afterwards, never left unindexed.
+# Members share the index's hash slot (Store.key's tag), so this runs on Cluster too.
+_INDEX_DROP = """
+local dropped = 0
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  dropped = dropped + redis.call('DEL', key)
+end
+redis.call('DEL', KEYS[1])
+return dropped
 """
 
 # A token bucket in one hash: n = tokens left (fractional), t = when n was computed, in
@@ -200,7 +219,7 @@ class RedisGuard:
             raise
         try:
             result = op()
-        except redis.exceptions.RedisError as exc:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
             metrics.redis_error(operation)
             outage = isinstance(exc, _OUTAGE_ERRORS)
             if outage and scope is not None:
@@ -296,7 +315,7 @@ def connect(settings: RedisSettings) -> redis.Redis:
     # command each retry on their own). A connection the server closed (a restart) is
     # still replaced at no cost: the pool checks a connection before handing it out.
     no_retry = Retry(NoBackoff(), retries=0)
-    common: dict[str, Any] = {
+    timeouts: dict[str, Any] = {
         "retry": no_retry,
         "socket_timeout": settings.socket_timeout_seconds,
         "socket_connect_timeout": settings.socket_timeout_seconds,
@@ -305,16 +324,20 @@ def connect(settings: RedisSettings) -> redis.Redis:
         "socket_keepalive": True,
         "health_check_interval": 0,
     }
+    common = {**timeouts, **_auth(settings.username, settings.password), **_tls(settings)}
     if settings.mode == "sentinel":
         from redis.sentinel import Sentinel
 
+        if settings.tls:
+            common["ssl"] = True  # the master's connections: SentinelManagedSSLConnection
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(settings.sentinels),
-            # Sentinel clients would otherwise get redis-py's default: many retries, backoff.
+            # Sentinel clients would otherwise get redis-py's default: many retries,
+            # backoff. TLS as for the data nodes; credentials their own.
             sentinel_kwargs={
-                "retry": no_retry,
-                "socket_timeout": settings.socket_timeout_seconds,
-                "socket_connect_timeout": settings.socket_timeout_seconds,
+                **timeouts,
+                **_auth(settings.sentinel_username, settings.sentinel_password),
+                **({"ssl": True, **_tls(settings)} if settings.tls else {}),
             },
             **common,
         )
@@ -323,11 +346,83 @@ def connect(settings: RedisSettings) -> redis.Redis:
     if settings.mode == "cluster":
         from redis.cluster import RedisCluster
 
-        # RedisCluster shares the command API we use; all our multi-key operations
-        # stay within one key, so no hash tags are needed. Its own retry (10 attempts by
-        # default, rediscovering the cluster in between) is switched off as well.
-        return RedisCluster.from_url(settings.url, **common)  # type: ignore[return-value]
+        # Every operation touching several keys keeps them in one slot (see Store.key).
+        # Its own retry (10 attempts by default, rediscovering the cluster in between)
+        # is switched off as well; MOVED/ASK redirects are still followed.
+        url = settings.url
+        lazy = _LazyCluster(
+            lambda: RedisCluster.from_url(url, **common),
+            wait_seconds=2 * settings.socket_timeout_seconds,
+        )
+        return cast(redis.Redis, lazy)
     return redis.Redis.from_url(settings.url, **common)
+
+
+class _LazyCluster:
+    """A RedisCluster built on first use rather than at start-up.
+
+    RedisCluster asks a node for the slot map in its constructor, so building it while
+    no node answers would raise and stop the worker from booting. Built here on the
+    first call instead: until it succeeds each call fails like any outage (a 503).
+    Calls arriving while another thread builds wait for it (at most one socket
+    timeout: the build is one connect and one CLUSTER SLOTS) and, if that build fails,
+    fail with it rather than try again in turn.
+    """
+
+    def __init__(self, build: Callable[[], Any], *, wait_seconds: float) -> None:
+        self._build = build
+        self._wait_seconds = wait_seconds
+        self._client: Any = None
+        self._building = threading.Lock()
+        self._failures = 0  # builds that failed so far
+
+    def _get(self) -> Any:
+        client = self._client
+        if client is not None:
+            return client
+        failures = self._failures
+        if not self._building.acquire(timeout=self._wait_seconds):
+            raise redis.exceptions.TimeoutError("the Redis Cluster client is still being built")
+        try:
+            if self._client is None:
+                if self._failures != failures:
+                    raise redis.exceptions.ConnectionError("Redis Cluster unreachable")
+                try:
+                    self._client = self._build()
+                except BaseException:
+                    self._failures += 1
+                    raise
+            return self._client
+        finally:
+            self._building.release()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._get(), name)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+def _auth(username: str | None, password: str | None) -> dict[str, Any]:
+    return {
+        key: value
+        for key, value in (("username", username), ("password", password))
+        if value is not None
+    }
+
+
+def _tls(settings: RedisSettings) -> dict[str, Any]:
+    """redis-py's TLS options: the server's certificate and name always verified."""
+    if not settings.tls:
+        return {}
+    options: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+    if settings.tls_ca_path:
+        options["ssl_ca_certs"] = settings.tls_ca_path
+    if settings.tls_cert_path:
+        options["ssl_certfile"] = settings.tls_cert_path
+        options["ssl_keyfile"] = settings.tls_key_path
+    return options
 
 
 class Store:
@@ -344,8 +439,19 @@ class Store:
         self._sealer = sealer
         self.guard = guard or RedisGuard()
 
-    def key(self, *parts: str) -> str:
-        return self.prefix + ":".join(parts)
+    def key(self, *parts: str, tag: str | None = None) -> str:
+        """``prefix + parts`` joined by colons, ending in ``{tag}`` when tagged.
+
+        Redis Cluster places a key by its first ``{...}`` only, so keys with one tag
+        share a hash slot and one script or transaction may touch them together. Keys
+        that an operation touches together carry the same tag (the identity id for a
+        credential and its identity's index); every other key stands alone and is
+        spread over the cluster. The prefix may hold no braces (settings refuse it)."""
+        if tag is None:
+            return self.prefix + ":".join(parts)
+        if not tag or "{" in tag or "}" in tag:
+            raise ValueError("a hash tag must be non-empty and hold no braces")
+        return self.prefix + ":".join((*parts, "{" + tag + "}"))
 
     # -- plain JSON -------------------------------------------------------------------
 
@@ -409,18 +515,30 @@ class Store:
 
     # -- indexes (a set of keys that belong together) -----------------------------------
 
-    @_guarded
     def index_add(self, index: str, member: str, *, ttl: float) -> None:
         """Add ``member`` to ``index`` and stretch the index's TTL to cover it (never
-        shorten it), in one step."""
+        shorten it), in one step. A tagged index (``key(tag=...)``) takes only members
+        with its tag, so ``drop_index`` can drop them all in one step."""
+        tag = hash_tag(index)
+        if tag is not None and hash_tag(member) != tag:
+            raise ValueError("a tagged index takes only members with the same hash tag")
+        self._index_add(index, member, ttl)
+
+    @_guarded
+    def _index_add(self, index: str, member: str, ttl: float) -> None:
         self.client.eval(_INDEX_ADD, 1, index, member, math.ceil(ttl * 1000))
 
     @_guarded
     def drop_index(self, index: str) -> int:
-        """Delete every key in ``index`` and the index; returns how many keys went."""
+        """Delete every key in ``index`` and the index; returns how many keys went.
+
+        A tagged index goes in one atomic script (its members share its hash slot). An
+        untagged one (members spread over Cluster slots: sessions, whose keys come from
+        the cookie alone) is read, then emptied one key per call."""
+        if hash_tag(index) is not None:
+            return int(self.client.eval(_INDEX_DROP, 1, index))
         members = self.client.smembers(index)
         keys = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
-        # One key per call: indexed keys may live on different Cluster slots.
         dropped = sum(int(self.client.delete(k)) for k in keys)
         self.client.delete(index)
         return dropped
@@ -496,6 +614,16 @@ class Store:
                 # Logged by the guard; the lock's TTL frees it.
                 with suppress(StoreUnavailable):
                     self.guard.call(lambda: _release(lock), operation="unlock")
+
+
+def hash_tag(key: str) -> str | None:
+    """The part of ``key`` Redis Cluster hashes, when not the whole key: the text
+    between the first ``{`` and the next ``}``, if not empty."""
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    return key[start + 1 : end] if end > start + 1 else None
 
 
 def _release(lock: Any) -> None:

@@ -19,9 +19,11 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from broker.app import create_app
 from broker.devstack.processes import free_port
+from broker.devstack.redis_server import start_redis
 from broker.devstack.stack import DEV_CLIENT_ID, Stack, local_stack
 from broker.services import Services
 from broker.settings import Settings, settings_from_mapping
+from tests.redis_ha import Cluster, RedisTarget, cluster_target, running_cluster, standalone_target
 
 # Property-based tests run in the normal suite, so they must be bounded and repeatable:
 # derandomize makes every run (a developer's, CI's) try the same examples, and keeps no
@@ -44,6 +46,29 @@ settings.register_profile(
     derandomize=False,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A real 3-master Cluster with a replica each, started once for the session."""
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module", params=["standalone", "cluster"])
+def redis_target(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisTarget]:
+    """The Redis a contract test runs against: each test runs once on a standalone
+    redis-server and once on a Cluster (Store, credentials, singleflight, sessions)."""
+    if request.param == "cluster":
+        yield cluster_target(request.getfixturevalue("redis_cluster"))
+        return
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield standalone_target(server.port)
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

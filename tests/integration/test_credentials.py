@@ -1,4 +1,5 @@
-"""CredentialService with a real redis-server and BotocoreSTS against moto.
+"""CredentialService with a real Redis (standalone and Cluster) and BotocoreSTS against
+moto.
 
 STS calls are counted by a proxy implementing the ``STS`` protocol that delegates to the
 real BotocoreSTS, and cross-checked with moto's request recorder.
@@ -19,14 +20,13 @@ import redis
 
 from broker import errors, metrics
 from broker.credentials import CredentialService, sdk_min_left
-from broker.devstack.processes import ManagedProcess
-from broker.devstack.redis_server import start_redis
 from broker.identity import Identity, IdentityIds, VerifiedClaims, VerifiedToken
 from broker.rules import Grant
 from broker.settings import CacheSettings
 from broker.store import Sealer, Store
 from broker.sts import AssumeRequest, BotocoreSTS, IssuedCredentials
 from tests.integration.aws_fixtures import READER_ROLE, WRITER_ROLE, LocalAWS, local_aws
+from tests.redis_ha import RedisTarget, close_clients, keys_matching
 from tests.unit.oidc_fixtures import FakeClock
 
 pytestmark = pytest.mark.integration
@@ -100,13 +100,6 @@ def aws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalAWS]:
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def real_sts(aws: LocalAWS) -> Iterator[BotocoreSTS]:
     client = BotocoreSTS(aws.sts_settings())
     yield client
@@ -120,18 +113,18 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def new_store(redis_server: ManagedProcess, prefix: str) -> Iterator[Callable[[], Store]]:
-    """Stores with their own Redis connections, as separate broker processes have."""
+def new_store(redis_target: RedisTarget, prefix: str) -> Iterator[Callable[[], Store]]:
+    """Stores with their own Redis connections, as separate broker processes have; on a
+    standalone Redis and on a Cluster (the ``redis_target`` parameter)."""
     clients: list[redis.Redis] = []
 
     def make() -> Store:
-        client = redis.Redis(port=redis_server.port, socket_timeout=5)
+        client = redis_target.connect()
         clients.append(client)
         return Store(client=client, prefix=prefix, sealer=SEALER)
 
     yield make
-    for client in clients:
-        client.close()
+    close_clients(clients)
 
 
 @pytest.fixture
@@ -166,7 +159,7 @@ def identity(subject: str = "alice", *, token: str = "token-1") -> Identity:
 
 
 def keys_with_prefix(store: Store) -> list[bytes]:
-    return sorted(store.client.scan_iter(match=f"{store.prefix}*"))
+    return keys_matching(store.client, f"{store.prefix}*")
 
 
 # --------------------------------------------------------------------------- cache

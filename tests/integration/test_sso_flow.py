@@ -10,6 +10,7 @@ absolute timeouts, an expired upstream token, CSRF on logout and on credentials.
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import logging
 import re
@@ -30,6 +31,7 @@ from broker.devstack.social_servers import SocialServers, start_social_servers
 from broker.devstack.stack import ADMIN_ROLE, DEMO_BUCKET, DEV_CLIENT_ID, USER_ROLE, Stack
 from broker.sessions import SessionStore
 from tests.conftest import LiveBroker, make_settings, serve
+from tests.redis_ha import RedisTarget, keys_matching
 
 pytestmark = pytest.mark.integration
 
@@ -148,17 +150,20 @@ def assert_html_error(r: requests.Response, status: int, code: str | None = None
 
 
 @pytest.fixture(scope="module")
-def shared_broker(stack: Stack) -> Iterator[LiveBroker]:
+def shared_broker(stack: Stack, redis_target: RedisTarget) -> Iterator[LiveBroker]:
     """One broker for most tests: each test has its own WebClient (its own cookie jar),
     so tests stay independent while the module avoids a server start and stop per test.
-    Rate limits are off because every request comes from 127.0.0.1."""
+    Rate limits are off because every request comes from 127.0.0.1. Every test using it
+    runs twice: sessions on a standalone Redis and on a Cluster (``redis_target``)."""
     port = free_port()
     settings = make_settings(
         stack,
         f"http://127.0.0.1:{port}",
         rate_limit={"per_ip_per_minute": 0, "per_identity_per_minute": 0},
+        redis=redis_target.section,
     )
     yield from serve(settings, stack, port)
+    gc.collect()  # see tests.redis_ha.close_clients
 
 
 @pytest.fixture
@@ -308,14 +313,14 @@ def test_full_flow_login_roles_credentials_logout(broker: LiveBroker) -> None:
     s3.list_objects_v2(Bucket=DEMO_BUCKET)
 
     prefix = broker.settings.redis.key_prefix
-    assert list(store.client.scan_iter(match=f"{prefix}creds:*"))
+    assert keys_matching(store.client, f"{prefix}creds:*")
     r = web.post("/logout", data={"csrf_token": csrf})
     assert r.status_code == 303
     assert r.headers["Location"] == "/login?signed_out=1"
     assert any(c.startswith(f"{web.cookie_name}=;") for c in set_cookies(r))
     assert store.client.get(key) is None
     # The identity's cached credentials are gone too.
-    assert not list(store.client.scan_iter(match=f"{prefix}creds:*"))
+    assert not keys_matching(store.client, f"{prefix}creds:*")
     assert web.get("/").status_code == 303
     r = web.get("/login?signed_out=1")
     assert 'id="signed-out"' in r.text

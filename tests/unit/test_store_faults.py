@@ -83,6 +83,8 @@ CALLS: dict[str, Callable[[Store], Any]] = {
     "delete": lambda s: s.delete("t:a"),
     "index_add": lambda s: s.index_add("t:i", "t:a", ttl=10),
     "drop_index": lambda s: s.drop_index("t:i"),
+    "drop_index tagged": lambda s: s.drop_index("t:i:{id}"),
+    "index_add tagged": lambda s: s.index_add("t:i:{id}", "t:a:{id}", ttl=10),
     "ttl_seconds": lambda s: s.ttl_seconds("t:a"),
     "hit": lambda s: s.hit("t:r", window=60),
     "set_flag": lambda s: s.set_flag("t:f", ttl=10, only_if_new=True),
