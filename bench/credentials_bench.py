@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,10 @@ function init(args)
   for line in io.lines(os.getenv("BENCH_BODY_FILE")) do
     if i % threads == tid then bodies[#bodies + 1] = line end
     i = i + 1
+  end
+  if #bodies == 0 then
+    -- Fewer bodies than threads (one token): every thread sends them all.
+    for line in io.lines(os.getenv("BENCH_BODY_FILE")) do bodies[#bodies + 1] = line end
   end
   idx = 0
   headers = {["Content-Type"] = "application/json"}
@@ -412,6 +417,19 @@ def start(
     return stand_ins, issuer, apps
 
 
+def warm(app: App, bodies: list[str]) -> None:
+    """Send each body once (64 at a time) and check every answer is a 200."""
+
+    def send(body: str) -> int:
+        return requests.post(app.url, data=body, headers=_JSON, timeout=60).status_code
+
+    with ThreadPoolExecutor(64) as pool:
+        statuses = list(pool.map(send, bodies))
+    failed = len([s for s in statuses if s != 200])
+    if failed:
+        raise RuntimeError(f"{app.name}: {failed} of {len(bodies)} warm-up requests failed")
+
+
 def run_mix(
     mix: str,
     app: App,
@@ -428,8 +446,8 @@ def run_mix(
     if mix in {"cached identities", "fresh tokens"}:
         # Every person's credentials cached (and, with replay on, their one token
         # remembered) before the measurement.
-        measure(app.url, cached, args, tmp, connections=connections, seconds=3)
-    elif args.warmup_seconds:
+        warm(app, cached)
+    if args.warmup_seconds:
         measure(app.url, one, args, tmp, connections=connections, seconds=args.warmup_seconds)
     if mix == "one token":
         bodies = one
