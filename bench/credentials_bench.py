@@ -15,7 +15,8 @@ parse) with the same request bodies and connections. The mixes:
 
 The broker runs each mix twice, replay on and off. Printed per row: requests/s, the
 ratio to bare Flask, p50/p99 ms, errors (non-2xx and socket errors), STS calls and
-distinct subjects STS saw, and each worker's RSS after the row. ``--soak-seconds``
+distinct subjects STS saw, the most STS calls in flight at once (``peak``: with gthread it
+cannot pass workers x threads), and each worker's RSS after the row. ``--soak-seconds``
 then runs a mixed load on the broker and prints the workers' RSS over time. Usage:
 
     python3 run.py bench [--seconds 10] [--worker-class gevent] [--soak-seconds 600]
@@ -175,6 +176,7 @@ class Figures:
     requests: float
     sts_calls: int = 0
     sts_subjects: int = 0
+    sts_peak: int = 0  # most STS calls in flight at once
     rss_mb: list[float] = field(default_factory=list)
 
 
@@ -463,6 +465,7 @@ def run_mix(
     stats = sts_stats(stand_ins)
     figures.sts_calls = stats["sts_calls"]
     figures.sts_subjects = stats["distinct_subjects"]
+    figures.sts_peak = stats["max_in_flight"]
     figures.rss_mb = worker_rss_mb(app.server)
     if mix in {"fresh tokens", "new identities"} and figures.requests > len(bodies):
         print(
@@ -529,7 +532,7 @@ def report(
     )
     print(
         f"{'mix':18} {'app':18} {'req/s':>7} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>8} "
-        f"{'errors':>6} {'requests':>8} {'STS':>6} {'STS subj':>8}  worker RSS MB"
+        f"{'errors':>6} {'requests':>8} {'STS':>6} {'STS subj':>8} {'peak':>4}  worker RSS MB"
     )
     for mix in mixes:
         bare = results[(mix, "bare flask")].rps
@@ -539,7 +542,7 @@ def report(
             print(
                 f"{mix:18} {app.name:18} {r.rps:7.0f} {r.rps / bare:6.2f} {r.p50:7.2f} "
                 f"{r.p99:8.2f} {r.errors:6.0f} {r.requests:8.0f} {r.sts_calls:6d} "
-                f"{r.sts_subjects:8d}  {rss}"
+                f"{r.sts_subjects:8d} {r.sts_peak:4d}  {rss}"
             )
     print("targets (broker / bare flask in this run):")
     for mix, target in TARGETS.items():

@@ -18,7 +18,7 @@ ROW = re.compile(
     r"^(?P<mix>one token|cached identities|fresh tokens|new identities)\s+"
     r"(?P<app>bare flask|broker replay on|broker replay off)\s+(?P<rps>\d+)\s+[\d.]+\s+"
     r"[\d.]+\s+[\d.]+\s+(?P<errors>\d+)\s+(?P<requests>\d+)\s+(?P<sts>\d+)\s+"
-    r"(?P<subjects>\d+)\s+(?P<rss>[\d/]+)$",
+    r"(?P<subjects>\d+)\s+(?P<peak>\d+)\s+(?P<rss>[\d/]+)$",
     re.M,
 )
 
