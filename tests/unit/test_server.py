@@ -93,13 +93,13 @@ def test_the_answer_is_the_brokers_json_and_closes_the_connection() -> None:
     ],
 )
 def test_the_worker_class_setting_picks_the_gunicorn_worker(worker_class: str, path: str) -> None:
-    assert gunicorn_options("127.0.0.1:0", 1, 4, worker_class)["worker_class"] == path
+    assert gunicorn_options("127.0.0.1:0", 1, 4, worker_class=worker_class)["worker_class"] == path
 
 
 @pytest.mark.parametrize("worker_class", ["eventlet", "", "GEVENT", "sync"])
 def test_an_unknown_worker_class_is_refused(worker_class: str) -> None:
     with pytest.raises(ValueError, match=r"server\.worker_class must be one of gevent, gthread"):
-        gunicorn_options("127.0.0.1:0", 1, 4, worker_class)
+        gunicorn_options("127.0.0.1:0", 1, 4, worker_class=worker_class)
 
 
 @pytest.mark.parametrize("module", ["broker.server", "broker.cli"])
