@@ -102,13 +102,20 @@ def test_an_unknown_worker_class_is_refused(worker_class: str) -> None:
         gunicorn_options("127.0.0.1:0", 1, 4, worker_class=worker_class)
 
 
-@pytest.mark.parametrize("module", ["broker.server", "broker.cli"])
-def test_the_gunicorn_master_imports_no_network_library(module: str) -> None:
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import broker.server",
+        # `broker serve` up to where gunicorn starts (the config file is missing here).
+        "import broker.cli; broker.cli.main(['serve', '--config', '/nonexistent.toml'])",
+    ],
+)
+def test_the_gunicorn_master_imports_no_network_library(statement: str) -> None:
     """gunicorn's gevent worker patches the standard library after the fork; a library
     the master imported before it (urllib3 and botocore take names from ssl, redis-py
     from socket) would keep the unpatched ones: ssl then recurses and fails to boot."""
     code = (
-        f"import sys, {module}; "
+        f"import sys; {statement}; "
         "print(sorted(m for m in ('urllib3', 'botocore', 'redis', 'requests') "
         "if m in sys.modules))"
     )
