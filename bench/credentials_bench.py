@@ -47,7 +47,7 @@ from typing import Any
 import jwt
 import requests
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -136,9 +136,16 @@ def wait_booted(server: ManagedProcess, workers: int, timeout: float = 120) -> N
 class Issuer:
     """Signs ID tokens as the stand-in IdP whose key set bench/stand_ins.py serves."""
 
-    def __init__(self, issuer: str) -> None:
+    def __init__(self, issuer: str, alg: str = "RS256") -> None:
         self.issuer = issuer
-        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.alg = alg
+        # RS256 is what Google and most IdPs sign with (a cheap check: e = 65537);
+        # ES256 mints far faster and costs the broker more to verify.
+        self.key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey = (
+            rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            if alg == "RS256"
+            else ec.generate_private_key(ec.SECP256R1())
+        )
         self.pem = self.key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -158,7 +165,7 @@ class Issuer:
             # A token never seen before, even for the same person in the same second.
             "jti": secrets.token_urlsafe(12),
         }
-        return jwt.encode(claims, self.key, algorithm="ES256", headers={"kid": KID})
+        return jwt.encode(claims, self.key, algorithm=self.alg, headers={"kid": KID})
 
     def body(self, subject: str) -> str:
         return json.dumps({"provider": PROVIDER, "token": self.token(subject)})
@@ -286,7 +293,7 @@ def measure(
 
 
 def broker_config(
-    *, url: str, redis_url: str, stand_ins: str, prefix: str, replay: bool
+    *, url: str, redis_url: str, stand_ins: str, prefix: str, replay: bool, alg: str = "RS256"
 ) -> dict[str, Any]:
     def key() -> str:
         return base64.b64encode(os.urandom(32)).decode()
@@ -305,7 +312,7 @@ def broker_config(
                 "issuer": stand_ins,
                 "jwks_url": f"{stand_ins}/jwks",
                 "client_ids": [CLIENT_ID],
-                "algorithms": ["ES256"],
+                "algorithms": [alg],
             }
         },
         "rules": [
@@ -355,6 +362,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--pool", type=int, default=20_000, help="never-seen tokens minted per measurement"
     )
     parser.add_argument("--mixes", default=",".join(MIXES), help="comma-separated")
+    parser.add_argument("--alg", choices=("RS256", "ES256"), default="RS256")
     parser.add_argument("--loadgen-processes", type=int, default=2)
     parser.add_argument("--warmup-seconds", type=float, default=2)
     parser.add_argument("--soak-seconds", type=float, default=0)
@@ -378,7 +386,7 @@ def start(
     servers.append(redis)
     stand_port = free_port()
     stand_ins = f"http://127.0.0.1:{stand_port}"
-    issuer = Issuer(stand_ins)
+    issuer = Issuer(stand_ins, args.alg)
     key_file = tmp / "idp-key.pem"
     key_file.write_bytes(issuer.pem)
     argv = [sys.executable, "-m", "bench.stand_ins", "--port", str(stand_port)]
@@ -407,6 +415,7 @@ def start(
                 stand_ins=stand_ins,
                 prefix=f"bench-{port}:",
                 replay=replay,
+                alg=args.alg,
             )
             path = tmp / f"broker-{port}.toml"
             path.write_text(dump_toml(config))

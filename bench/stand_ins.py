@@ -3,9 +3,9 @@
 One asyncio process (``python -m bench.stand_ins --port N --key-file F --sts-latency-ms
 50``) serves
 
-* ``GET /jwks``: the public half of the EC P-256 key in ``--key-file`` (the benchmark
-  signs its ID tokens with the private half, ES256), so the broker verifies real
-  signatures against a real key set;
+* ``GET /jwks``: the public half of the RSA or EC P-256 key in ``--key-file`` (the
+  benchmark signs its ID tokens with the private half, RS256 or ES256), so the broker
+  verifies real signatures against a real key set;
 * ``POST /`` (``Action=AssumeRoleWithWebIdentity``): STS's XML answer after
   ``--sts-latency-ms``, with credentials that expire in an hour. It checks nothing: the
   point is how many calls the broker makes and how many it keeps in flight, not STS's
@@ -30,7 +30,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 KID = "bench-key"
 
@@ -39,7 +39,15 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def public_jwks(key: ec.EllipticCurvePrivateKey) -> dict[str, object]:
+def _int_b64(value: int) -> str:
+    return _b64(value.to_bytes((value.bit_length() + 7) // 8, "big"))
+
+
+def public_jwks(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> dict[str, object]:
+    if isinstance(key, rsa.RSAPrivateKey):
+        public = key.public_key().public_numbers()
+        jwk = {"kty": "RSA", "kid": KID, "alg": "RS256", "use": "sig"}
+        return {"keys": [{**jwk, "n": _int_b64(public.n), "e": _int_b64(public.e)}]}
     numbers = key.public_key().public_numbers()
     return {
         "keys": [
@@ -86,7 +94,9 @@ _XML = """<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/do
 
 
 class StandIns:
-    def __init__(self, key: ec.EllipticCurvePrivateKey, sts_latency: float) -> None:
+    def __init__(
+        self, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, sts_latency: float
+    ) -> None:
         self.jwks = json.dumps(public_jwks(key)).encode()
         self.sts_latency = sts_latency
         self.calls = 0
@@ -166,7 +176,7 @@ class StandIns:
 
 async def serve(port: int, key_file: Path, sts_latency: float) -> None:
     key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    assert isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
     stand_ins = StandIns(key, sts_latency)
     server = await asyncio.start_server(stand_ins.connection, "127.0.0.1", port, backlog=1024)
     stop = asyncio.Event()
