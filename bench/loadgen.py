@@ -7,7 +7,6 @@ not limited to one core by the GIL.
 from __future__ import annotations
 
 import http.client
-import json
 import multiprocessing
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ class Result:
 
 def _worker(
     url: str,
-    body: bytes,
+    bodies: list[bytes],
     seconds: float,
     connections: int,
     out: multiprocessing.Queue[tuple[int, int, list[float]]],
@@ -48,11 +47,14 @@ def _worker(
     counts = {"ok": 0, "err": 0}
     deadline = time.perf_counter() + seconds
 
-    def loop() -> None:
+    def loop(mine: list[bytes]) -> None:
         conn = http.client.HTTPConnection(host, parts.port, timeout=30)
         local: list[float] = []
         ok = err = 0
+        sent = 0
         while time.perf_counter() < deadline:
+            body = mine[sent % len(mine)]
+            sent += 1
             start = time.perf_counter()
             try:
                 conn.request("POST", parts.path, body, {"Content-Type": "application/json"})
@@ -73,7 +75,11 @@ def _worker(
             counts["ok"] += ok
             counts["err"] += err
 
-    threads = [threading.Thread(target=loop) for _ in range(connections)]
+    # Each connection cycles through its own share of the bodies.
+    threads = [
+        threading.Thread(target=loop, args=(bodies[i::connections] or bodies,))
+        for i in range(connections)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -82,13 +88,16 @@ def _worker(
 
 
 def run(
-    url: str, payload: dict[str, object], *, seconds: float, processes: int, connections: int
+    url: str, bodies: list[bytes], *, seconds: float, processes: int, connections: int
 ) -> Result:
-    body = json.dumps(payload).encode()
+    """Closed-loop load; the bodies are shared out between processes and connections."""
     queue: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
     procs = [
-        multiprocessing.Process(target=_worker, args=(url, body, seconds, connections, queue))
-        for _ in range(processes)
+        multiprocessing.Process(
+            target=_worker,
+            args=(url, bodies[p::processes] or bodies, seconds, connections, queue),
+        )
+        for p in range(processes)
     ]
     start = time.perf_counter()
     for p in procs:

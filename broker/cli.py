@@ -328,7 +328,8 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 def cmd_logout(args: argparse.Namespace) -> int:
     from broker.client.credentials import forget_cached
-    from broker.client.session import BrokerAPIError, CLIError, CLISession
+    from broker.client.errors import CLIError
+    from broker.client.session import BrokerAPIError, CLISession
 
     client = _client(args)
     session = CLISession.load(client.url)
@@ -642,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from broker.client.session import CLIError
+    from broker.client.errors import CLIError
 
     args = build_parser().parse_args(argv)
     try:

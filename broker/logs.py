@@ -144,6 +144,14 @@ def _restart_in_child() -> None:
         configure(_writer.level, stream=_writer.stream)
 
 
+def start_again() -> None:
+    """Start a writer with the level and stream of the last ``configure``. gunicorn's
+    gevent worker stops the writer before its monkey-patching and calls this after it:
+    a thread started before the patch trips over gevent's ``threading`` at exit, one
+    started after it is a greenlet reading gevent's queue."""
+    configure(_writer.level, stream=_writer.stream)
+
+
 def stop() -> None:
     """Write out everything queued, then stop the writer thread."""
     if _writer.listener is not None:

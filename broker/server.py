@@ -24,9 +24,26 @@ itself answers or logs takes the broker's shape too:
 
 ``BrokerWorker`` only overrides ``load_wsgi`` and ``handle_error``, which every gunicorn
 worker class shares, and relies on the worker calling the app with its response's
-``start_response``, which gthread, sync and the async workers all do. A switch to
-gevent is ``class GeventWorker(BrokerWorker, gunicorn.workers.ggevent.GeventWorker)``
-(not defined here: gevent is not a dependency) named in ``worker_class``.
+``start_response``, which gthread, sync and the async workers all do.
+
+Two worker models, chosen by ``[server] worker_class``:
+
+* ``gthread`` (``ThreadWorker``): one OS thread per request in flight, so at most
+  ``threads`` requests per worker wait on STS, an IdP or Redis at once; the next ones
+  queue for a thread.
+* ``gevent`` (``GeventWorker``): one greenlet per connection (up to
+  ``worker_connections``), so a burst of new identities waiting on STS is bounded by
+  connections, not threads. gunicorn's gevent worker monkey-patches the standard
+  library (sockets, ``threading``, ``time.sleep``, ``queue``) in the worker, right
+  after the fork and before the app is built, so every socket, lock and timer the app
+  makes (redis-py's and botocore's connections, ``RedisGuard`` and ``SingleFlight``
+  locks, ``http._Watch`` timers) is gevent's, and every network call keeps its timeout
+  (a socket timeout is a gevent timeout on a patched socket). Nothing the master
+  imports holds a lock the requests take or has taken names from ``ssl`` or
+  ``socket`` (urllib3, botocore, redis-py: ``ssl`` would then recurse after the patch):
+  the app's modules are first imported in the worker (``load``/``broker.wsgi``), and
+  the log writer (``broker.logs``) is stopped before the patch and started again after
+  it, as a greenlet.
 
 Metrics (``[metrics]``, see broker.metrics): when they are exposed at all, the master
 gives the workers one ``PROMETHEUS_MULTIPROC_DIR`` before the first fork (the
@@ -58,6 +75,7 @@ from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.config import KNOWN_SETTINGS
 from gunicorn.http import errors as http_errors
+from gunicorn.workers.ggevent import GeventWorker as GGeventWorker
 from gunicorn.workers.gthread import ThreadWorker as GThreadWorker
 from werkzeug.exceptions import BadRequest
 
@@ -289,6 +307,28 @@ class ThreadWorker(BrokerWorker, GThreadWorker):  # type: ignore[misc]
     pass
 
 
+class GeventWorker(BrokerWorker, GGeventWorker):  # type: ignore[misc]
+    def patch(self) -> None:
+        # The log writer thread the fork hook started is a real thread; after the patch
+        # it would be a stranger to gevent's threading (an error at exit). Drain it
+        # before, start it again after, as a greenlet.
+        running = logs.configured()
+        logs.stop()
+        super().patch()
+        if running:
+            logs.start_again()
+
+
+# ``[server] worker_class`` -> the gunicorn worker class.
+WORKER_CLASS_PATHS = {
+    "gthread": "broker.server.ThreadWorker",
+    "gevent": "broker.server.GeventWorker",
+}
+# Greenlets per gevent worker: each holds one connection, so this bounds the requests
+# a worker has in flight (gunicorn's default).
+GEVENT_CONNECTIONS = 1000
+
+
 class JsonLogger(glogging.Logger):  # type: ignore[misc]
     """gunicorn's logger, writing through the broker's JSON writer (``broker.logs``).
 
@@ -417,6 +457,14 @@ def metrics_hooks(settings: MetricsSettings | None) -> dict[str, Any]:
 GRACEFUL_TIMEOUT_SECONDS = 20
 
 
+def _worker_class_path(name: str) -> str:
+    try:
+        return WORKER_CLASS_PATHS[name]
+    except KeyError:
+        known = ", ".join(sorted(WORKER_CLASS_PATHS))
+        raise ValueError(f"server.worker_class must be one of {known}, not {name!r}") from None
+
+
 def gunicorn_options(
     bind: str,
     workers: int | None,
@@ -424,13 +472,16 @@ def gunicorn_options(
     worker_tmp_dir: str | None = None,
     *,
     metrics: MetricsSettings | None = None,
+    worker_class: str = "gthread",
 ) -> dict[str, Any]:
     options: dict[str, Any] = {
         "bind": bind,
         "workers": workers or 2 * multiprocessing.cpu_count(),
-        # Threads, because nearly all time is spent waiting on STS, the IdP or Redis.
-        "worker_class": "broker.server.ThreadWorker",
+        # Threads or greenlets, because nearly all time is spent waiting on STS, the IdP
+        # or Redis.
+        "worker_class": _worker_class_path(worker_class),
         "threads": threads,
+        "worker_connections": GEVENT_CONNECTIONS,
         # Upstream budgets (settings: upstream.budget_seconds) are validated against it.
         "timeout": WORKER_TIMEOUT_SECONDS,
         "graceful_timeout": GRACEFUL_TIMEOUT_SECONDS,
@@ -460,6 +511,12 @@ def serve(
     threads: int,
     worker_tmp_dir: str | None = None,
 ) -> None:
-    _Gunicorn(
-        settings, gunicorn_options(bind, workers, threads, worker_tmp_dir, metrics=settings.metrics)
-    ).run()
+    options = gunicorn_options(
+        bind,
+        workers,
+        threads,
+        worker_tmp_dir,
+        metrics=settings.metrics,
+        worker_class=settings.server.worker_class,
+    )
+    _Gunicorn(settings, options).run()

@@ -49,6 +49,8 @@ DEFAULT_LEEWAY_SECONDS = 60
 # gunicorn's worker timeout (broker.server.gunicorn_options). Whatever a request waits on
 # must end well within it, so the upstream budget may be at most half of it.
 WORKER_TIMEOUT_SECONDS = 30
+# ``[server] worker_class``: the gunicorn worker models broker.server defines.
+WORKER_CLASSES = frozenset({"gthread", "gevent"})
 MAX_UPSTREAM_BUDGET_SECONDS = WORKER_TIMEOUT_SECONDS / 2
 
 ROLE_ARN_RE = re.compile(r"^arn:aws(?:-cn|-us-gov)?:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
@@ -114,6 +116,10 @@ class ServerSettings:
     # Tell a refused person why, in words they can act on ("your e-mail address is not
     # verified at ..."); off keeps rule internals private (a bare "no rule matches").
     explain_denials: bool = True
+    # gunicorn's worker model (``broker.server``): "gthread" holds one thread per request
+    # in flight; "gevent" one greenlet, so requests waiting on STS or an IdP are not
+    # capped by a thread count.
+    worker_class: str = "gthread"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -627,9 +633,12 @@ def _server(r: _Reader) -> ServerSettings:
         trusted_proxies=r.integer("trusted_proxies", 0, lo=0, hi=10),
         log_level=r.text("log_level", "info").lower(),
         explain_denials=r.flag("explain_denials", True),
+        worker_class=r.text("worker_class", "gthread"),
     )
     if s.log_level not in {"debug", "info", "warning", "error"}:
         r.problem("log_level", "must be debug, info, warning or error")
+    if s.worker_class not in WORKER_CLASSES:
+        r.problem("worker_class", f"must be one of {', '.join(sorted(WORKER_CLASSES))}")
     r.finish()
     return s
 

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from broker.client import files
+from broker.client.errors import CLIError
 from broker.client.session import (
     BrokerAPIError,
     BrokerClient,
-    CLIError,
     CLISession,
     login_hint,
 )

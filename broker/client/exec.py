@@ -24,7 +24,7 @@ from typing import Any
 
 from broker.client.aws_config import config_path
 from broker.client.credentials import CredentialSource
-from broker.client.session import CLIError
+from broker.client.errors import CLIError
 
 # Variables that would make the child's SDK pick other credentials before ours.
 _SHADOWING = (

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from broker.client.session import BrokerAPIError, BrokerClient, CLIError, CLISession
+from broker.client.errors import CLIError
+from broker.client.session import BrokerAPIError, BrokerClient, CLISession
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 CALLBACK_PATH = "/callback"

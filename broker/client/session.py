@@ -12,20 +12,12 @@ from urllib.parse import urlsplit
 import requests
 
 from broker.client import files
+from broker.client.errors import CLIError
 
 BROKER_URL_ENV = "BROKER_URL"
 # Every call to the broker has a deadline: an AWS command waiting on credential_process
 # must fail with a message, not hang.
 TIMEOUT_SECONDS = 30.0
-
-
-class CLIError(Exception):
-    """A failure to show the user as is (on stderr), with the exit status to use."""
-
-    def __init__(self, message: str, *, status: int = 1) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
 
 
 class BrokerAPIError(CLIError):

@@ -15,15 +15,20 @@ endpoint, so that origin is allowed as a form target too.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, request
 from werkzeug.datastructures import Headers
 from werkzeug.wrappers import Response as WerkzeugResponse
 
-from broker.services import EXTENSION_KEY, Services
 from broker.settings import Settings
+
+if TYPE_CHECKING:
+    # Not at run time: broker.server imports this module in the gunicorn master, which
+    # must not import botocore, urllib3 or redis before the gevent worker has patched
+    # the standard library (see broker.server).
+    from broker.services import Services
 
 R = TypeVar("R", bound=WerkzeugResponse)
 
@@ -100,6 +105,8 @@ _HSTS = (("Strict-Transport-Security", "max-age=31536000"),)
 
 def install(app: Flask) -> None:
     """Add the headers to every response of ``app`` (after its services are set)."""
+    from broker.services import EXTENSION_KEY
+
     services: Services = app.extensions[EXTENSION_KEY]
     settings = services.settings
     html_policy = content_security_policy(settings)

@@ -30,6 +30,7 @@ import requests
 
 from broker.devstack.processes import free_port
 from broker.devstack.stack import DEV_PROVIDER, Stack, dump_toml
+from broker.settings import WORKER_CLASSES
 from tests.integration.test_serve import wait_until_ready
 
 pytestmark = pytest.mark.integration
@@ -45,20 +46,24 @@ class Served:
     stderr: Path
 
 
-def broker_config(stack: Stack, url: str, path: Path) -> Path:
+def broker_config(stack: Stack, url: str, path: Path, *, worker_class: str) -> Path:
     config = stack.config(url)
+    config["server"]["worker_class"] = worker_class
     config["redis"]["key_prefix"] = f"gunicorn-{secrets.token_hex(4)}:"
     config["rate_limit"] = {"per_ip_per_minute": 0, "per_identity_per_minute": 0}
     path.write_text(dump_toml(config))
     return path
 
 
-@pytest.fixture(scope="module")
-def served(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+# Every test here runs under each worker model [server] worker_class offers.
+@pytest.fixture(scope="module", params=sorted(WORKER_CLASSES))
+def served(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Served]:
     workdir = tmp_path_factory.mktemp("gunicorn")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    config = broker_config(stack, url, workdir / "broker.toml")
+    config = broker_config(stack, url, workdir / "broker.toml", worker_class=request.param)
     stderr = workdir / "stderr.log"
     with stderr.open("w") as err:
         process = subprocess.Popen(

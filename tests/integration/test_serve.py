@@ -22,6 +22,7 @@ import requests
 
 from broker.devstack.processes import free_port
 from broker.devstack.stack import DEV_PROVIDER, Stack, dump_toml
+from broker.settings import WORKER_CLASSES
 from tests.conftest import LiveBroker
 
 pytestmark = pytest.mark.integration
@@ -77,12 +78,14 @@ def wait_until_ready(url: str, process: subprocess.Popen[bytes], stderr: Path) -
         time.sleep(0.2)
 
 
+@pytest.mark.parametrize("worker_class", sorted(WORKER_CLASSES))
 def test_broker_serve_answers_and_its_workers_write_the_audit_trail(
-    stack: Stack, broker: LiveBroker, tmp_path: Path
+    stack: Stack, broker: LiveBroker, tmp_path: Path, worker_class: str
 ) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     config = stack.config(url)
+    config["server"]["worker_class"] = worker_class
     config["redis"]["key_prefix"] = f"serve-{secrets.token_hex(4)}:"
     config_path = tmp_path / "broker.toml"
     config_path.write_text(dump_toml(config))
@@ -131,8 +134,9 @@ def test_broker_serve_answers_and_its_workers_write_the_audit_trail(
     assert response.json()["credentials"]["SecretAccessKey"] not in stderr.read_text()
 
 
+@pytest.mark.parametrize("worker_class", sorted(WORKER_CLASSES))
 def test_the_procfile_command_logs_json_lines_through_a_worker_timeout(
-    stack: Stack, tmp_path: Path
+    stack: Stack, tmp_path: Path, worker_class: str
 ) -> None:
     """The Procfile's exact command (plain gunicorn: the broker configures logging only
     in the workers, so the master's records rely on the logger class), with a short
@@ -154,6 +158,7 @@ def test_the_procfile_command_logs_json_lines_through_a_worker_timeout(
         "BIND": f"127.0.0.1:{port}",
         "WEB_CONCURRENCY": "1",
         "GUNICORN_THREADS": "2",
+        "BROKER_SERVER__WORKER_CLASS": worker_class,
     }
     stderr = tmp_path / "stderr.log"
     with stderr.open("w") as err:

@@ -31,6 +31,34 @@ def test_already_expired_values_and_a_zero_size_cache_keep_nothing() -> None:
     assert disabled.get("a") is None
 
 
+def test_expired_entries_do_not_wait_for_the_size_bound() -> None:
+    clock = FakeClock()
+    cache: ExpiringCache[str, int] = ExpiringCache(max_entries=1000, clock=clock)
+    for i in range(100):
+        cache.put(f"old{i}", i, expires_at=clock.now + 30)
+    clock.advance(30)
+    cache.put("new", 1, expires_at=clock.now + 30)
+
+    # Never read again, the 100 dead entries went with the next write.
+    assert len(cache) == 1
+    assert cache.get("new") == 1
+
+
+def test_dropping_expired_entries_stops_at_the_first_live_one() -> None:
+    clock = FakeClock()
+    cache: ExpiringCache[str, int] = ExpiringCache(max_entries=1000, clock=clock)
+    cache.put("short", 1, expires_at=clock.now + 10)
+    cache.put("long", 2, expires_at=clock.now + 100)
+    cache.put("short2", 3, expires_at=clock.now + 10)
+    clock.advance(10)
+    cache.put("new", 4, expires_at=clock.now + 10)
+
+    # "short" went; "short2" sits behind a live entry and waits for a read or the bound.
+    assert len(cache) == 3
+    assert (cache.get("long"), cache.get("new"), cache.get("short")) == (2, 4, None)
+    assert cache.get("short2") is None  # expired all the same: never served
+
+
 def test_the_least_recently_used_entry_goes_first() -> None:
     clock = FakeClock()
     cache: ExpiringCache[str, int] = ExpiringCache(max_entries=2, clock=clock)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import inspect
 import json
 import ssl
+import subprocess
+import sys
 
 import pytest
 from gunicorn.http import errors as http_errors
 
-from broker.server import error_bytes, refusal
+from broker.server import error_bytes, gunicorn_options, refusal
 
 MARKER = "M4RK3R"
 # The app's fault (a response header it built) or the server's (its configuration).
@@ -81,3 +83,43 @@ def test_the_answer_is_the_brokers_json_and_closes_the_connection() -> None:
         "message": "too large",
         "request_id": "rid-1",
     }
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "path"),
+    [
+        ("gthread", "broker.server.ThreadWorker"),
+        ("gevent", "broker.server.GeventWorker"),
+    ],
+)
+def test_the_worker_class_setting_picks_the_gunicorn_worker(worker_class: str, path: str) -> None:
+    assert gunicorn_options("127.0.0.1:0", 1, 4, worker_class=worker_class)["worker_class"] == path
+
+
+@pytest.mark.parametrize("worker_class", ["eventlet", "", "GEVENT", "sync"])
+def test_an_unknown_worker_class_is_refused(worker_class: str) -> None:
+    with pytest.raises(ValueError, match=r"server\.worker_class must be one of gevent, gthread"):
+        gunicorn_options("127.0.0.1:0", 1, 4, worker_class=worker_class)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import broker.server",
+        # `broker serve` up to where gunicorn starts (the config file is missing here).
+        "import broker.cli; broker.cli.main(['serve', '--config', '/nonexistent.toml'])",
+    ],
+)
+def test_the_gunicorn_master_imports_no_network_library(statement: str) -> None:
+    """gunicorn's gevent worker patches the standard library after the fork; a library
+    the master imported before it (urllib3 and botocore take names from ssl, redis-py
+    from socket) would keep the unpatched ones: ssl then recurses and fails to boot."""
+    code = (
+        f"import sys; {statement}; "
+        "print(sorted(m for m in ('urllib3', 'botocore', 'redis', 'requests') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

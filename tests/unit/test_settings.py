@@ -691,6 +691,14 @@ ENV_NAMED: list[tuple[dict[str, str], str]] = [
         "server.log_level: must be debug, info, warning or error (from BROKER_SERVER__LOG_LEVEL)",
     ),
     (
+        {"BROKER_SERVER__WORKER_CLASS": "eventlet"},
+        "server.worker_class: must be one of gevent, gthread (from BROKER_SERVER__WORKER_CLASS)",
+    ),
+    (
+        {"BROKER_SERVER__WORKER_CLASS": "GEVENT"},
+        "server.worker_class: must be one of gevent, gthread (from BROKER_SERVER__WORKER_CLASS)",
+    ),
+    (
         {"BROKER_STS__MAX_ATTEMPTS": "many"},
         "sts.max_attempts: must be an integer, got str (from BROKER_STS__MAX_ATTEMPTS)",
     ),
