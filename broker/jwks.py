@@ -247,8 +247,22 @@ class RemoteDocument(Generic[T]):
         # token needs the newest keys) wait a moment, so a healthy IdP's cold start does
         # not turn into a 503 per caller.
         wait = 0.0 if fallback is not None and not force else FOLLOWER_WAIT_SECONDS
+
+        def fetch() -> _Snapshot[T]:
+            # A flight that ended between our look at the snapshot and now has already
+            # fetched it: leading a second flight would ask the IdP twice for a burst.
+            current = self._snapshot
+            if (
+                not force
+                and current is not None
+                and current is not seen
+                and self._clock() < current.usable_until
+            ):
+                return current
+            return self._fetch_and_keep()
+
         try:
-            result = self._flight.run(self._fetch_and_keep, wait=wait)
+            result = self._flight.run(fetch, wait=wait)
         except BACKOFF_ERRORS as exc:
             if fallback is None:
                 raise
