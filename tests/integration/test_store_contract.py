@@ -1,0 +1,114 @@
+"""The Store's contract, method by method, on a standalone redis-server and on a real
+3-master Cluster (``redis_target``): every operation the broker relies on behaves the
+same on both, including the multi-key ones (tagged indexes, locks, the refresh bucket).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from broker.store import Sealer, Store
+from tests.redis_ha import RedisTarget, close_clients
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store(redis_target: RedisTarget) -> Iterator[Store]:
+    prefix = f"contract:{uuid.uuid4().hex[:8]}:"
+    client = redis_target.connect()
+    yield Store(client=client, prefix=prefix, sealer=Sealer([b"c" * 32]))
+    close_clients([client])
+
+
+def test_plain_and_sealed_json_round_trip_and_expire(store: Store) -> None:
+    store.set_json(store.key("plain"), {"a": [1, 2]}, ttl=60)
+    assert store.get_json(store.key("plain")) == {"a": [1, 2]}
+    store.set_sealed(store.key("secret"), {"s": "value"}, ttl=0.3)
+    assert store.get_sealed(store.key("secret")) == {"s": "value"}
+    raw = store.client.get(store.key("secret"))
+    assert raw is not None
+    assert b"value" not in raw
+    time.sleep(0.5)
+    assert store.get_sealed(store.key("secret")) is None
+
+
+def test_sealed_writes_honour_nx_and_xx_and_take_is_one_time(store: Store) -> None:
+    key = store.key("one")
+    assert store.set_sealed(key, 1, ttl=60, only_if_exists=True) is False
+    assert store.set_sealed(key, 1, ttl=60, only_if_new=True) is True
+    assert store.set_sealed(key, 2, ttl=60, only_if_new=True) is False
+    assert store.set_sealed(key, 3, ttl=60, only_if_exists=True) is True
+    assert store.take_sealed(key) == 3
+    assert store.take_sealed(key) is None
+
+
+def test_a_sealed_value_does_not_open_under_another_key(store: Store) -> None:
+    store.set_sealed(store.key("a"), {"x": 1}, ttl=60)
+    sealed = store.client.get(store.key("a"))
+    assert isinstance(sealed, bytes)
+    store.client.set(store.key("b"), sealed)
+    assert store.get_sealed(store.key("b")) is None
+
+
+@pytest.mark.parametrize("tag", [None, "us-east-1:identity"])
+def test_an_index_drops_every_member_and_itself(store: Store, tag: str | None) -> None:
+    index = store.key("index", tag=tag)
+    members = [store.key("member", str(i), tag=tag) for i in range(5)]
+    for member in members:
+        store.set_json(member, 1, ttl=60)
+        store.index_add(index, member, ttl=60)
+    assert store.ttl_seconds(index) is not None
+    assert store.drop_index(index) == 5
+    assert all(store.get_json(member) is None for member in members)
+    assert store.drop_index(index) == 0
+
+
+def test_the_fixed_window_counter_counts_and_expires(store: Store) -> None:
+    key = store.key("rate", "x")
+    assert [store.hit(key, window=0.4) for _ in range(3)] == [1, 2, 3]
+    time.sleep(0.6)
+    assert store.hit(key, window=0.4) == 1
+
+
+def test_flags_are_set_once_read_and_taken_once(store: Store) -> None:
+    key = store.key("flag")
+    assert store.set_flag(key, ttl=60, only_if_new=True, value="v") is True
+    assert store.set_flag(key, ttl=60, only_if_new=True) is False
+    assert store.get_flag(key) == "v"
+    assert store.take_flag(key) == "v"
+    assert store.take_flag(key) is None
+
+
+def test_the_token_bucket_gives_its_capacity_then_refills(store: Store) -> None:
+    key = store.key("bucket")
+    taken = [store.take_token(key, capacity=3, refill_seconds=0.5) for _ in range(5)]
+    assert taken == [True, True, True, False, False]
+    time.sleep(0.6)
+    assert store.take_token(key, capacity=3, refill_seconds=0.5) is True
+
+
+def test_one_lock_holder_at_a_time(store: Store) -> None:
+    held = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with store.lock("contract", timeout=5, wait=1) as acquired:
+            assert acquired
+            held.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert held.wait(5)
+    with store.lock("contract", timeout=5, wait=0) as second:
+        assert second is False
+    release.set()
+    thread.join(5)
+    with store.lock("contract", timeout=5, wait=1) as third:
+        assert third is True
