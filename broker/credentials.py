@@ -131,11 +131,10 @@ class CredentialService:
                         metrics.singleflight_wait(outcome, time.monotonic() - started)
                     if cached is not None:
                         return cached
-                    self._raise_recent_failure(digest)
                     try:
                         issued = self._assume(identity, grant)
                     except ServerError as exc:
-                        self._note_failure(digest, exc)
+                        self._note_failure(key, exc)
                         raise
                     self._put(key, identity.identity_id, issued)
                     return issued
@@ -144,9 +143,6 @@ class CredentialService:
             if cached is not None:
                 metrics.singleflight_wait("filled", time.monotonic() - started)
                 return cached
-            # The leader gave up on STS: waiting for it, then calling STS again one after
-            # another, is exactly the queue a hung STS must not build.
-            self._raise_recent_failure(digest)
             if time.monotonic() >= deadline:
                 metrics.singleflight_wait("timeout", time.monotonic() - started)
                 # The leader is still waiting on STS. Calling STS as well would defeat
@@ -159,33 +155,21 @@ class CredentialService:
             time.sleep(poll)
             poll = min(poll * 2, _POLL_MAX_SECONDS)
 
-    def _failure_key(self, digest: str) -> str:
-        return self._store.key("creds-failed", digest)
-
-    def _note_failure(self, digest: str, exc: ServerError) -> None:
-        """Tell every process that STS just failed for these credentials, so that for the
-        error's Retry-After (at most ``FAILURE_HOLD_SECONDS``) they answer 503 at once
-        instead of calling it again."""
+    def _note_failure(self, key: str, exc: ServerError) -> None:
+        """Tell every process that STS just failed for these credentials: the cache
+        entry holds the failure for the error's Retry-After (at most
+        ``FAILURE_HOLD_SECONDS``), so followers waiting on the leader and callers
+        arriving meanwhile answer 503 at once (``_cached`` raises it) instead of calling
+        STS again one after another, the queue a hung STS must not build. Never written
+        over credentials still in the entry (NX)."""
+        hold = max(1, min(exc.retry_after or _BUSY_RETRY_AFTER, FAILURE_HOLD_SECONDS))
         with suppress(StoreUnavailable):  # the store logs it; the caller gets ``exc``
-            hold = max(1, min(exc.retry_after or _BUSY_RETRY_AFTER, FAILURE_HOLD_SECONDS))
-            self._store.set_json(
-                self._failure_key(digest),
-                {"message": exc.message, "retry_after": hold},
+            self._store.set_sealed(
+                key,
+                {"failed": {"message": exc.message, "retry_after": hold}},
                 ttl=hold,
+                only_if_new=True,
             )
-
-    def _raise_recent_failure(self, digest: str) -> None:
-        failed = self._store.get_json(self._failure_key(digest))
-        if not isinstance(failed, dict):
-            return
-        retry_after = failed.get("retry_after")
-        if not isinstance(retry_after, int) or isinstance(retry_after, bool):
-            retry_after = FAILURE_HOLD_SECONDS
-        raise DependencyUnavailable(
-            "STS failed a moment ago for the same credentials "
-            f"({failed.get('message', 'no detail')}); try again shortly",
-            retry_after=max(1, min(retry_after, FAILURE_HOLD_SECONDS)),
-        )
 
     def _assume(self, identity: Identity, grant: Grant) -> IssuedCredentials:
         # Built only on a miss: a cache hit needs neither the session name nor the token.
@@ -268,6 +252,15 @@ class CredentialService:
         value = self._store.get_sealed(key)
         if value is None:
             return None
+        if isinstance(value, dict) and isinstance(value.get("failed"), dict):
+            failed = value["failed"]
+            raise DependencyUnavailable(
+                "STS failed a moment ago for the same credentials "
+                f"({failed.get('message', 'no detail')}); try again shortly",
+                retry_after=FAILURE_HOLD_SECONDS
+                if not isinstance(failed.get("retry_after"), int)
+                else max(1, min(failed["retry_after"], FAILURE_HOLD_SECONDS)),
+            )
         try:
             issued = _decode(value)
         except (KeyError, TypeError, ValueError):
