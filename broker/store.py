@@ -570,18 +570,12 @@ class Store:
     @_guarded
     def take_flag(self, key: str) -> str | None:
         """Read and delete a marker key in one step (GETDEL): one caller gets it."""
-        raw = self.client.getdel(key)
-        if raw is None:
-            return None
-        return raw.decode() if isinstance(raw, bytes) else str(raw)
+        return _text(self.client.getdel(key))
 
     @_guarded
     def get_flag(self, key: str) -> str | None:
         """The value of a marker key set by ``set_flag``, or None."""
-        raw = self.client.get(key)
-        if raw is None:
-            return None
-        return raw.decode() if isinstance(raw, bytes) else str(raw)
+        return _text(self.client.get(key))
 
     @_guarded
     def take_token(self, key: str, *, capacity: int, refill_seconds: float) -> bool:
@@ -630,6 +624,13 @@ def _release(lock: Any) -> None:
     # LockError: it expired while held and the next caller already took over.
     with suppress(redis.exceptions.LockError):
         lock.release()
+
+
+def _text(raw: bytes | str | None) -> str | None:
+    """A flag's value as text (clients built with decode_responses hand back str)."""
+    if raw is None:
+        return None
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def _ttl_ms(seconds: float) -> int:
