@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import loadgen  # noqa: E402
+from bench import loadgen, profile  # noqa: E402
 from bench.stand_ins import KID  # noqa: E402
 from broker.devstack.processes import ManagedProcess, free_port  # noqa: E402
 from broker.devstack.redis_server import start_redis  # noqa: E402
@@ -62,6 +62,8 @@ PROVIDER = "bench"
 CLIENT_ID = "bench-client"
 ROLE = "arn:aws:iam::123456789012:role/bench"
 MIXES = ("one token", "cached identities", "fresh tokens", "new identities")
+# Load on the cached people before their rows, so that every worker has seen them all.
+WARM_SECONDS = 4
 TARGETS = {"cached identities": 0.8, "fresh tokens": 0.7, "new identities": 0.3}
 
 
@@ -368,9 +370,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--soak-seconds", type=float, default=0)
     parser.add_argument("--soak-segment-seconds", type=float, default=60)
     parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample the broker's workers with py-spy during each row (bench/profile.py)",
+    )
+    parser.add_argument(
         "--python-loadgen", action="store_true", help="ignore wrk even if installed"
     )
     args = parser.parse_args(argv)
+    if args.profile and not profile.available():
+        parser.error("--profile needs py-spy: .venv/bin/pip install py-spy")
     args.mix_list = [m.strip() for m in args.mixes.split(",") if m.strip()]
     unknown = set(args.mix_list) - set(MIXES)
     if unknown:
@@ -458,6 +468,9 @@ def run_mix(
         # Every person's credentials cached (and, with replay on, their one token
         # remembered) before the measurement.
         warm(app, cached)
+        # In every worker, as the steady state is: one pass reaches one worker per
+        # person, and the others would verify the token and ask Redis during the row.
+        measure(app.url, cached, args, tmp, connections=connections, seconds=WARM_SECONDS)
     if args.warmup_seconds:
         measure(app.url, one, args, tmp, connections=connections, seconds=args.warmup_seconds)
     if mix == "one token":
@@ -470,7 +483,15 @@ def run_mix(
         tag = secrets.token_hex(3)
         bodies = [issuer.body(f"new-{tag}-{i}") for i in range(args.pool)]
     sts_stats(stand_ins, reset=True)
+    spy = None
+    if args.profile and app.broker:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        samples = args.profile / f"{mix}-{app.name}.txt".replace(" ", "-")
+        spy = profile.start(app.server.proc.pid, args.seconds, samples)
     figures = measure(app.url, bodies, args, tmp, connections=connections)
+    if spy is not None:
+        spy.wait(timeout=60)
+        print(f"\nprofile: {mix}, {app.name}\n{profile.summarize(samples)}", flush=True)
     stats = sts_stats(stand_ins)
     figures.sts_calls = stats["sts_calls"]
     figures.sts_subjects = stats["distinct_subjects"]
