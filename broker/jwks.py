@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -163,6 +164,11 @@ class RemoteDocument(Generic[T]):
         if snapshot is not None and self._clock() < snapshot.usable_until:
             return snapshot.value
         return self._load(force=False).value
+
+    def usable_until(self) -> float:
+        """When the copy in use is due for a refetch (now, if there is none)."""
+        snapshot = self._snapshot
+        return self._clock() if snapshot is None else snapshot.usable_until
 
     def peek(self) -> T | None:
         """The copy in use, however old, without fetching anything; None if none."""
@@ -450,6 +456,9 @@ class StaticKeySet:
     def __init__(self, document: Any) -> None:
         self._keys = parse_key_set(document)
 
+    def usable_until(self) -> float:
+        return math.inf  # configured, never refetched
+
     def get_key(self, kid: str | None, *, algorithm: str) -> jwt.PyJWK:
         jwk = self._keys.find(kid)
         if jwk is None:
@@ -504,6 +513,11 @@ class JWKSCache:
 
     def warm_in_background(self) -> None:
         self._document.warm_in_background()
+
+    def usable_until(self) -> float:
+        """When the keys in use are due for a refetch: a key the provider withdraws
+        stops verifying tokens then."""
+        return self._document.usable_until()
 
     def get_key(self, kid: str | None, *, algorithm: str) -> jwt.PyJWK:
         """The key for ``kid``, bound to ``algorithm``; ``InvalidToken`` if there is none.

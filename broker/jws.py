@@ -82,6 +82,10 @@ class CompactJWS:
 
     header: Mapping[str, Any]
     payload: Mapping[str, Any]
+    # What the signature covers (the first two segments as sent) and the signature's
+    # bytes: the verifier checks exactly these, with no second reading of the token.
+    signing_input: bytes
+    signature: bytes
 
 
 class _Refused(Exception):
@@ -102,8 +106,13 @@ def parse(token: str) -> CompactJWS:
     _check_header(header)
     payload = _json_object(_segment(encoded_payload, "payload"), "payload")
     # The signature is opaque bytes to us, but its spelling is part of the token's.
-    _segment(encoded_signature, "signature")
-    return CompactJWS(header=header, payload=payload)
+    signature = _segment(encoded_signature, "signature")
+    return CompactJWS(
+        header=header,
+        payload=payload,
+        signing_input=f"{encoded_header}.{encoded_payload}".encode("ascii"),
+        signature=signature,
+    )
 
 
 def decode_segment(segment: str) -> bytes:

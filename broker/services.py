@@ -117,6 +117,9 @@ class Services:
                 if settings.cache.enabled and settings.cache.replay and settings.cache.local_seconds
                 else 0,
                 clock=time.time,
+                # Only a body that comes back is kept (see broker.memo): fresh tokens
+                # never do, and each answer held is a few KB.
+                second_sight=True,
             ),
             settings=settings,
             store=store,

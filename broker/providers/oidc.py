@@ -7,8 +7,9 @@ checks every step itself, in order, so a reviewer can tick them off:
    duplicate JSON members, ``typ`` absent or ``JWT``...), then the JOSE header: ``alg``
    in the asymmetric allow-list, ``kid``
 2. the key: from the provider's JWKS, published for this algorithm, of a fitting type
-3. signature with exactly that algorithm; ``exp``/``iat``/``nbf`` with a small leeway;
-   the required claims present (pyjwt, with the allow-list passed explicitly)
+3. signature with exactly that algorithm over the bytes step 1 read (pyjwt's algorithm
+   object, no second decoding of the token); the required claims present and typed,
+   ``exp``/``iat``/``nbf`` with a small leeway
 4. ``iss`` exactly one of the configured issuers
 5. every ``aud`` a configured client id; ``azp`` present with several audiences and,
    when present, a configured client id
@@ -93,8 +94,11 @@ class OIDCProvider(IdentityProvider):
             raise errors.ConfigurationError(
                 f"provider {self.name!r}: issuers and client_ids must not be empty"
             )
+        # Second sight: a token is remembered once it comes back (see broker.memo).
+        # Under token refreshes most tokens come once, and holding each with its claims
+        # was most of a worker's memory growth; one that repeats pays one more check.
         self._verified: ExpiringCache[bytes, VerifiedToken] = ExpiringCache(
-            max_entries=VERIFIED_CACHE_ENTRIES, clock=clock
+            max_entries=VERIFIED_CACHE_ENTRIES, clock=clock, second_sight=True
         )
         self._jwks_lock = threading.Lock()
         self._jwks: JWKSCache | None = None
@@ -136,21 +140,16 @@ class OIDCProvider(IdentityProvider):
             raise errors.InvalidToken("token is too large")
 
         # Only a token that passed steps 1-5 is remembered, by its SHA-256 and never
-        # past its exp (no leeway) or the JWKS cache lifetime (so a key withdrawn by
-        # the provider stops working here as soon as it would without this cache).
+        # past its exp (no leeway) or the refetch of the keys that verified it (so a key
+        # withdrawn by the provider stops working here as soon as it would without this
+        # memory).
         digest = hashlib.sha256(token.encode()).digest()
         verified = self._verified.get(digest)
         if verified is None:
             # Discovery and JWKS share one upstream budget for this token.
             with self._http.budget():
-                verified = self._verify_signed(token)
-            self._verified.put(
-                digest,
-                verified,
-                expires_at=min(
-                    verified.expires_at, self._clock() + self._settings.jwks_cache_seconds
-                ),
-            )
+                verified, keys_until = self._verify_signed(token)
+            self._verified.put(digest, verified, expires_at=min(verified.expires_at, keys_until))
 
         # Step 6: nonce, in constant time (it is a secret bound to the browser session).
         # Checked on every call: the same token may come with another caller's nonce.
@@ -162,8 +161,9 @@ class OIDCProvider(IdentityProvider):
                 raise errors.InvalidToken("wrong nonce")
         return verified
 
-    def _verify_signed(self, token: str) -> VerifiedToken:
-        """Steps 1-5 of OIDC Core 3.1.3.7 and the subject: everything but the nonce."""
+    def _verify_signed(self, token: str) -> tuple[VerifiedToken, float]:
+        """Steps 1-5 of OIDC Core 3.1.3.7 and the subject: everything but the nonce;
+        with when the keys that verified it are due for a refetch."""
         s = self._settings
         # Step 1: one strict reading of the whole token before anything uses any part
         # of it: the header that picks the key below is this reading's header, and the
@@ -181,10 +181,12 @@ class OIDCProvider(IdentityProvider):
 
         # Step 2: the key must be published for this alg (if the JWK names one) and be
         # of the matching type and curve; an RSA key can never verify HS256.
-        key = self._key_set().get_key(kid, algorithm=alg)
+        keys = self._key_set()
+        key = keys.get_key(kid, algorithm=alg)
 
         # Step 3: signature with exactly this algorithm, lifetime, required claims.
-        claims = self._decode(token, key, alg)
+        self._check_signature(parsed, key, alg)
+        claims = self._check_claims(parsed.payload)
 
         # Step 4: issuer, compared exactly against the configured tuple. Google issues
         # both "accounts.google.com" and "https://accounts.google.com"; a trailing
@@ -193,8 +195,8 @@ class OIDCProvider(IdentityProvider):
         if not isinstance(iss, str) or iss not in s.issuers:
             raise errors.InvalidToken("wrong issuer")
 
-        # Step 5: audience. pyjwt checked that one aud is ours; OIDC also requires the
-        # rest to be trusted and, with several, an azp that is ours too. Google puts
+        # Step 5: audience. Every aud must be ours (OIDC: the ID token must be refused
+        # if it lists audiences not trusted) and, with several, an azp that is ours too. Google puts
         # the web client id in aud and the Android/iOS client id in azp.
         audiences = [claims["aud"]] if isinstance(claims["aud"], str) else claims["aud"]
         if not all(aud in s.client_ids for aud in audiences):
@@ -208,7 +210,7 @@ class OIDCProvider(IdentityProvider):
         subject = claims["sub"]
         if not isinstance(subject, str) or not subject:
             raise errors.InvalidToken("token has an empty subject")
-        return VerifiedToken(
+        verified = VerifiedToken(
             provider=self.name,
             subject=subject,
             claims=VerifiedClaims(claims),
@@ -216,43 +218,53 @@ class OIDCProvider(IdentityProvider):
             sts_provider_id=None,
             expires_at=int(claims["exp"]),
         )
+        return verified, keys.usable_until()
 
-    def _decode(self, token: str, key: jwt.PyJWK, alg: str) -> dict[str, Any]:
-        s = self._settings
-        try:
-            claims = jwt.decode(
-                token,
-                key,
-                # Exactly the header's alg, already checked against the allow-list and
-                # bound to the key: never a list the token could choose from.
-                algorithms=[alg],
-                audience=list(s.client_ids),
-                # The issuer is checked by us against the tuple, exactly (step 4).
-                issuer=None,
-                # A small leeway (settings, default 60 s) absorbs clock skew between the
-                # IdP and us; it is applied to exp, iat and nbf alike. Larger values
-                # would extend the life of a stolen token.
-                leeway=s.leeway_seconds,
-                options={
-                    "verify_signature": True,
-                    "verify_exp": True,
-                    "verify_iat": True,
-                    "verify_nbf": True,
-                    "verify_aud": True,
-                    "verify_sub": True,
-                    "require": list(REQUIRED_CLAIMS),
-                    # A short RSA key is as good as none: refuse it, do not warn.
-                    "enforce_minimum_key_length": True,
-                },
-            )
-        except jwt.PyJWTError as exc:
-            raise _token_error(exc) from None
+    def _check_signature(self, parsed: jws.CompactJWS, key: jwt.PyJWK, alg: str) -> None:
+        """The signature over exactly what ``jws.parse`` read, with exactly ``alg``.
+
+        pyjwt's algorithm object verifies (cryptography underneath); the token is not
+        decoded a second time, so the claims checked below are the one reading's."""
+        if key.algorithm_name != alg:  # get_key binds the key to alg; never another
+            raise errors.InvalidToken("algorithm not allowed")
+        algorithm = key.Algorithm
+        # A short RSA key is as good as none: refuse it, do not warn.
+        if algorithm.check_key_length(key.key) is not None:
+            raise errors.InvalidToken("signing key is unusable")
+        if not algorithm.verify(parsed.signing_input, key.key, parsed.signature):
+            raise errors.InvalidToken("signature verification failed")
+
+    def _check_claims(self, claims: Mapping[str, Any]) -> dict[str, Any]:
+        """Required claims, their types, the lifetime (RFC 7519 section 4.1) and that
+        one audience is ours. A small leeway (settings, default 60 s) absorbs clock
+        skew between the IdP and us, for exp, iat and nbf alike; larger values would
+        extend the life of a stolen token."""
+        for name in REQUIRED_CLAIMS:
+            if claims.get(name) is None:
+                raise errors.InvalidToken(f"token has no {name} claim")
         for name in ("exp", "iat", "nbf"):
             value = claims.get(name)
-            # pyjwt int()s these, which accepts "123" and True; RFC 7519 says number.
+            # RFC 7519 NumericDate: a JSON number. Not "123", not true.
             if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise errors.InvalidToken(f"token has a non-numeric {name} claim")
-        return claims
+        now, leeway = self._clock(), self._settings.leeway_seconds
+        if int(claims["iat"]) > now + leeway:
+            raise errors.InvalidToken("token is issued in the future (iat)")
+        if "nbf" in claims and int(claims["nbf"]) > now + leeway:
+            raise errors.InvalidToken("token is not yet valid (nbf)")
+        if int(claims["exp"]) <= now - leeway:
+            raise errors.ExpiredToken("token has expired")
+        aud = claims["aud"]
+        audiences = [aud] if isinstance(aud, str) else aud
+        if not isinstance(audiences, list) or not audiences:
+            raise errors.InvalidToken("wrong audience")
+        if not all(isinstance(a, str) for a in audiences):
+            raise errors.InvalidToken("wrong audience")
+        if not isinstance(claims["sub"], str):
+            raise errors.InvalidToken("token has a non-string subject")
+        if "jti" in claims and not isinstance(claims["jti"], str):
+            raise errors.InvalidToken("token has a non-string jti claim")
+        return dict(claims)
 
     # ------------------------------------------------------------------------ keys
 
@@ -322,31 +334,3 @@ class OIDCProvider(IdentityProvider):
         if not isinstance(jwks_uri, str) or urlsplit(jwks_uri).scheme not in {"http", "https"}:
             raise MalformedDocument("jwks_uri is missing or not an http(s) URL")
         return jwks_uri
-
-
-def _token_error(exc: jwt.PyJWTError) -> errors.InvalidToken:
-    """Short, precise, token-free messages; subclasses before their bases."""
-    if isinstance(exc, jwt.ExpiredSignatureError):
-        return errors.ExpiredToken("token has expired")
-    if isinstance(exc, jwt.InvalidSignatureError):
-        return errors.InvalidToken("signature verification failed")
-    if isinstance(exc, jwt.InvalidAlgorithmError):
-        return errors.InvalidToken("algorithm not allowed")
-    if isinstance(exc, jwt.InvalidAudienceError):
-        return errors.InvalidToken("wrong audience")
-    if isinstance(exc, jwt.MissingRequiredClaimError):
-        return errors.InvalidToken(f"token has no {exc.claim} claim")
-    if isinstance(exc, jwt.ImmatureSignatureError):
-        # pyjwt raises the same class for both; its message names the claim.
-        if "iat" in str(exc):
-            return errors.InvalidToken("token is issued in the future (iat)")
-        return errors.InvalidToken("token is not yet valid (nbf)")
-    if isinstance(exc, jwt.InvalidIssuedAtError):
-        return errors.InvalidToken("token has a non-numeric iat claim")
-    if isinstance(exc, jwt.InvalidKeyError):
-        return errors.InvalidToken("signing key is unusable")
-    if isinstance(exc, jwt.exceptions.InvalidSubjectError):
-        return errors.InvalidToken("token has a non-string subject")
-    if isinstance(exc, jwt.DecodeError):
-        return errors.InvalidToken("token is malformed")
-    return errors.InvalidToken("token is not valid")

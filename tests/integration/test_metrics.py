@@ -408,15 +408,16 @@ def test_a_replay_counts_as_a_request_an_issuance_and_a_replay_hit(broker: LiveB
     hits_before = counted("broker_replay_hits_total")
 
     first = broker.post("/v1/credentials", body)
+    broker.post("/v1/credentials", body)  # seen twice: kept for a replay
     again = broker.post("/v1/credentials", body)  # byte-identical: replayed
 
     assert first.status_code == again.status_code == 200
     assert again.content == first.content
     assert counted("broker_replay_hits_total") == hits_before + 1
-    assert counted("broker_http_requests_total", **CREDENTIALS_200) == requests_before + 2
+    assert counted("broker_http_requests_total", **CREDENTIALS_200) == requests_before + 3
     assert (
         counted("broker_credentials_total", provider=DEV_PROVIDER, outcome="issued")
-        == issued_before + 2
+        == issued_before + 3
     )
 
 

@@ -97,3 +97,44 @@ def test_concurrent_writers_never_exceed_the_bound() -> None:
     for t in threads:
         t.join()
     assert len(cache) == 50
+
+
+def test_with_second_sight_a_value_is_kept_only_when_its_key_comes_again() -> None:
+    clock = FakeClock()
+    cache: ExpiringCache[str, int] = ExpiringCache(max_entries=10, clock=clock, second_sight=True)
+    cache.put("a", 1, expires_at=clock.now + 60)
+    assert cache.get("a") is None  # seen once: only the key is remembered
+    assert len(cache) == 0
+
+    cache.put("a", 1, expires_at=clock.now + 60)
+    assert cache.get("a") == 1
+    cache.put("a", 2, expires_at=clock.now + 60)  # kept: an update needs no third sight
+    assert cache.get("a") == 2
+
+
+def test_a_first_sight_is_forgotten_with_its_expiry_and_with_the_bound() -> None:
+    clock = FakeClock()
+    cache: ExpiringCache[str, int] = ExpiringCache(max_entries=3, clock=clock, second_sight=True)
+    cache.put("late", 1, expires_at=clock.now + 10)
+    clock.advance(10)
+    cache.put("late", 1, expires_at=clock.now + 10)
+    assert cache.get("late") is None  # the first sight had expired: this is a first again
+
+    for key in ("a", "b", "c", "d"):  # "late"'s second first sight and "a" fall off
+        cache.put(key, 1, expires_at=clock.now + 60)
+    cache.put("a", 1, expires_at=clock.now + 60)
+    cache.put("d", 1, expires_at=clock.now + 60)
+    assert (cache.get("a"), cache.get("d")) == (None, 1)
+
+
+def test_a_stream_of_keys_seen_once_keeps_no_values() -> None:
+    clock = FakeClock()
+    cache: ExpiringCache[int, bytes] = ExpiringCache(
+        max_entries=100, clock=clock, second_sight=True
+    )
+    for i in range(1000):
+        cache.put(i, b"x" * 1000, expires_at=clock.now + 60)
+    assert len(cache) == 0
+    cache.clear()
+    cache.put(999, b"x", expires_at=clock.now + 60)
+    assert cache.get(999) is None  # clear() forgot the first sights too

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ from tests.unit.oidc_fixtures import (
     FakeClock,
     FakeIdP,
     KeyPair,
+    _rsa_private,
     claims,
     ec_key,
     hmac_with_public_key,
@@ -117,6 +119,19 @@ class Case:
 
 
 TWO_CLIENTS = {"client_ids": (CLIENT_ID, OTHER_CLIENT_ID)}
+# Published by a careless IdP: verifies mathematically, too short to trust.
+SHORT_KEY = KeyPair(kid="short", private=_rsa_private("short", 1024))
+
+
+def _signed_with(name: str, value: Any) -> Callable[[], str]:
+    return lambda: sign(KEY, claims(**{name: value}))
+
+
+def _signed_with_short_key() -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jwt.warnings.InsecureKeyLengthWarning)
+        return sign(SHORT_KEY, claims())
+
 
 REJECTIONS = [
     # -- signature and key
@@ -270,6 +285,27 @@ REJECTIONS = [
     pytest.param(
         Case(lambda: sign(KEY, claims(exp=str(_now() + 600))), "non-numeric exp"),
         id="exp-as-string",
+    ),
+    *[
+        pytest.param(Case(_signed_with(name, value), message), id=ident)
+        for ident, name, value, message in [
+            ("iat-as-string", "iat", str(_now()), "non-numeric iat"),
+            ("nbf-as-boolean", "nbf", True, "non-numeric nbf"),
+            ("exp-as-boolean", "exp", True, "non-numeric exp"),
+            ("aud-a-number", "aud", 7, "wrong audience"),
+            ("aud-a-list-with-a-number", "aud", [CLIENT_ID, 7], "wrong audience"),
+            ("aud-an-empty-list", "aud", [], "wrong audience"),
+            ("aud-an-object", "aud", {CLIENT_ID: True}, "wrong audience"),
+            ("jti-a-number", "jti", 12, "non-string jti"),
+        ]
+    ],
+    pytest.param(
+        Case(
+            _signed_with_short_key,
+            "signing key is unusable",
+            published=(SHORT_KEY,),
+        ),
+        id="rsa-key-shorter-than-2048-bits",
     ),
     # -- required claims
     *[
@@ -642,10 +678,12 @@ def test_a_remembered_token_outlives_no_key_withdrawal(
         clock=clock,
     )
     token = sign(KEY, claims())
-    provider.verify(token)
+    provider.verify(token)  # the keys are fetched now: due again at 300 s
+    clock.advance(200)
+    provider.verify(token)  # seen again: remembered, until the keys are due (not 500 s)
     idp.keys = [SECOND]  # the provider withdraws KEY
 
-    clock.advance(299)
+    clock.advance(99)
     assert provider.verify(token).subject == "user-123"  # within both caches' lifetime
     clock.advance(2)
     with pytest.raises(errors.InvalidToken):
