@@ -203,6 +203,22 @@ WAIT_OUTCOMES = frozenset({"filled", "took_over", "timeout"})
 REFRESH_RESULTS = frozenset({"refetched", "cooldown"})
 
 
+# One child per (metric, label values) seen, found with one dict lookup: prometheus-client's
+# labels() validates and locks on every call, a measurable share of a cached request. The
+# label values are bounded (see the module docstring), so this dict is too.
+# A forked worker starts with none of the parent's: its values are its own files.
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+os.register_at_fork(after_in_child=_CHILDREN.clear)
+
+
+def _child(metric: Any, *values: str) -> Any:
+    key = (id(metric), values)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = metric.labels(*values)
+    return child
+
+
 def _error_code(exc: BaseException) -> str:
     # Error codes are class attributes of the broker's error tree: a fixed set.
     return exc.code if isinstance(exc, BrokerError) else "internal_error"
@@ -259,7 +275,7 @@ def upstream_kind(what: str) -> str:
 
 def authentication(settings: Settings, provider: object, error: BaseException | None) -> None:
     outcome = "ok" if error is None else _error_code(error)
-    AUTHENTICATIONS.labels(provider_label(settings, provider), outcome).inc()
+    _child(AUTHENTICATIONS, provider_label(settings, provider), outcome).inc()
 
 
 def credentials(
@@ -272,7 +288,8 @@ def credentials(
 ) -> None:
     """One credential request of a verified identity: issued (``error`` None) or not."""
     outcome = "issued" if error is None else _error_code(error)
-    CREDENTIALS.labels(
+    _child(
+        CREDENTIALS,
         provider_label(settings, provider),
         "none" if rule is None else rule_label(settings, rule),
         "none" if role is None else role_label(settings, role),
@@ -298,8 +315,8 @@ def console_signin(
     settings: Settings, *, provider: object, role: object, error: BaseException | None
 ) -> None:
     outcome = "ok" if error is None else _error_code(error)
-    CONSOLE_SIGNINS.labels(
-        provider_label(settings, provider), role_label(settings, role), outcome
+    _child(
+        CONSOLE_SIGNINS, provider_label(settings, provider), role_label(settings, role), outcome
     ).inc()
 
 
@@ -310,32 +327,32 @@ def sts_call() -> Iterator[None]:
     try:
         yield
     except ClientError as exc:
-        STS_ERRORS.labels(
-            bounded(str(exc.response.get("Error", {}).get("Code", "")), STS_ERROR_CODES)
+        _child(
+            STS_ERRORS, bounded(str(exc.response.get("Error", {}).get("Code", "")), STS_ERROR_CODES)
         ).inc()
         raise
     except (BotocoreConnectionError, HTTPClientError):
-        STS_ERRORS.labels("unreachable").inc()
+        _child(STS_ERRORS, "unreachable").inc()
         raise
     except ParamValidationError:
-        STS_ERRORS.labels("invalid_parameters").inc()
+        _child(STS_ERRORS, "invalid_parameters").inc()
         raise
     except ResponseParserError:
-        STS_ERRORS.labels("unparseable_response").inc()
+        _child(STS_ERRORS, "unparseable_response").inc()
         raise
     except Exception:
-        STS_ERRORS.labels(OTHER).inc()
+        _child(STS_ERRORS, OTHER).inc()
         raise
     finally:
         STS_REQUEST_DURATION.observe(time.perf_counter() - started)
 
 
 def cache_result(result: str) -> None:
-    CREDENTIAL_CACHE.labels(bounded(result, CACHE_RESULTS)).inc()
+    _child(CREDENTIAL_CACHE, bounded(result, CACHE_RESULTS)).inc()
 
 
 def singleflight_wait(outcome: str, seconds: float) -> None:
-    SINGLEFLIGHT_WAITS.labels(bounded(outcome, WAIT_OUTCOMES)).inc()
+    _child(SINGLEFLIGHT_WAITS, bounded(outcome, WAIT_OUTCOMES)).inc()
     SINGLEFLIGHT_WAIT_DURATION.observe(seconds)
 
 
@@ -349,13 +366,13 @@ def upstream_call(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except DependencyUnavailable:
-            UPSTREAM_FAILURES.labels(kind, "unavailable").inc()
+            _child(UPSTREAM_FAILURES, kind, "unavailable").inc()
             raise
         except BrokerError:
-            UPSTREAM_FAILURES.labels(kind, "bad_response").inc()
+            _child(UPSTREAM_FAILURES, kind, "bad_response").inc()
             raise
         finally:
-            UPSTREAM_REQUEST_DURATION.labels(kind).observe(time.perf_counter() - started)
+            _child(UPSTREAM_REQUEST_DURATION, kind).observe(time.perf_counter() - started)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -363,16 +380,16 @@ def upstream_call(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 def key_refresh(result: str) -> None:
-    KEY_REFRESHES.labels(bounded(result, REFRESH_RESULTS)).inc()
+    _child(KEY_REFRESHES, bounded(result, REFRESH_RESULTS)).inc()
 
 
 def redis_error(operation: str) -> None:
     # Operation names are the Store's method names: a fixed set chosen in code.
-    REDIS_ERRORS.labels(operation).inc()
+    _child(REDIS_ERRORS, operation).inc()
 
 
 def redis_refused(operation: str) -> None:
-    REDIS_REFUSALS.labels(operation).inc()
+    _child(REDIS_REFUSALS, operation).inc()
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -403,8 +420,8 @@ class RequestMetrics:
         finally:
             route = route_label(environ.get(ROUTE_KEY))
             method = method_label(environ.get("REQUEST_METHOD"))
-            HTTP_REQUESTS.labels(route, method, status_label(status[0] if status else 500)).inc()
-            HTTP_REQUEST_DURATION.labels(route, method).observe(time.perf_counter() - started)
+            _child(HTTP_REQUESTS, route, method, status_label(status[0] if status else 500)).inc()
+            _child(HTTP_REQUEST_DURATION, route, method).observe(time.perf_counter() - started)
 
 
 def note_route() -> None:

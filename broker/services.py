@@ -28,7 +28,7 @@ from broker.providers.base import IdentityProvider
 from broker.rules import Grant
 from broker.settings import RuleSettings, Settings
 from broker.store import Sealer, Store, connect
-from broker.sts import STS, BotocoreSTS, IssuedCredentials, iso_utc
+from broker.sts import STS, BotocoreSTS, IssuedCredentials
 
 audit_log = logging.getLogger("broker.audit")
 
@@ -68,7 +68,7 @@ class Issued:
             "role_arn": self.grant.role_arn,
             "assumed_role_arn": creds.assumed_role_arn,
             "access_key_id": creds.access_key_id,
-            "expiration": iso_utc(creds.expiration),
+            "expiration": creds.expiration_text,
             "session_policy": self.grant.session_policy is not None,
         }
 

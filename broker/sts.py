@@ -26,6 +26,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any, Protocol
 
 import botocore
@@ -77,6 +78,12 @@ class IssuedCredentials:
     assumed_role_arn: str
     assumed_role_id: str
 
+    @cached_property
+    def expiration_text(self) -> str:
+        """``iso_utc(expiration)``, formatted once: cached credentials are handed out
+        many times, and strftime was a measurable share of each."""
+        return iso_utc(self.expiration)
+
     def credential_process(self) -> dict[str, Any]:
         """Exactly the AWS CLI/SDK ``credential_process`` object."""
         return {
@@ -84,7 +91,7 @@ class IssuedCredentials:
             "AccessKeyId": self.access_key_id,
             "SecretAccessKey": self.secret_access_key,
             "SessionToken": self.session_token,
-            "Expiration": iso_utc(self.expiration),
+            "Expiration": self.expiration_text,
         }
 
 

@@ -13,7 +13,6 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from broker.errors import BadRequest, InvalidToken, NotFound, Unauthenticated
 from broker.services import Issued, current_services
-from broker.sts import iso_utc
 from broker.web import replay
 from broker.web.security_headers import no_store
 
@@ -160,7 +159,7 @@ def container_json(issued: Issued) -> dict[str, str]:
         "AccessKeyId": c.access_key_id,
         "SecretAccessKey": c.secret_access_key,
         "Token": c.session_token,
-        "Expiration": iso_utc(c.expiration),
+        "Expiration": c.expiration_text,
         "RoleArn": issued.grant.role_arn,
     }
 
