@@ -17,11 +17,11 @@ from broker.web import (
     cli,
     console,
     errors,
+    exchange,
     guest,
     health,
     issuer,
     pages,
-    replay,
     request_id,
     security_headers,
     sso,
@@ -41,9 +41,9 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.config.update(MAX_CONTENT_LENGTH=settings.server.max_body_bytes)
     # First hook of all, so every request that reaches Flask has its route noted.
     app.before_request(metrics.note_route)
-    # Inside ProxyFix (below), so a replay sees the client address the proxy reported.
-    app.wsgi_app = replay.ReplayMiddleware(app.wsgi_app, services)  # type: ignore[method-assign]
-    # Outside the replay, whose rate-limit checks talk to Redis too.
+    # Inside ProxyFix (below), so the exchange sees the client address the proxy reported.
+    app.wsgi_app = exchange.CredentialsExchange(app.wsgi_app, app, services)  # type: ignore[method-assign]
+    # Outside the exchange, whose rate-limit checks talk to Redis too.
     app.wsgi_app = _redis_scope(app.wsgi_app)  # type: ignore[method-assign,assignment]
     if settings.server.trusted_proxies:
         # Only behind a known number of proxies may X-Forwarded-* be believed; otherwise a
@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     # Outside everything but the request ids: counts every request, replays and
     # ProxyFix'd ones included (RequestIdMiddleware never answers by itself).
     app.wsgi_app = metrics.RequestMetrics(app.wsgi_app)  # type: ignore[method-assign]
-    # Outermost, so the replay middleware's answers and every log line carry the id.
+    # Outermost, so the exchange's answers and every log line carry the id.
     app.wsgi_app = request_id.RequestIdMiddleware(app.wsgi_app)  # type: ignore[method-assign]
     app.extensions[EXTENSION_KEY] = services
 

@@ -39,7 +39,7 @@ REPLAY_ENTRIES = 10_000
 @dataclass(frozen=True, kw_only=True)
 class Replay:
     """A finished 200 answer to ``POST /v1/credentials``, replayed byte for byte to an
-    identical request (see broker.web.replay)."""
+    identical request (see broker.web.exchange)."""
 
     status: str
     headers: tuple[tuple[str, str], ...]
@@ -86,7 +86,7 @@ class Services:
     issuer: Issuer | None = None
     # Clients built here (not handed in by the caller), closed with the services.
     owned: tuple[Callable[[], None], ...] = ()
-    # Answers to repeated identical API requests, per worker (broker.web.replay).
+    # Answers to repeated identical API requests, per worker (broker.web.exchange).
     replays: ExpiringCache[bytes, Replay] = field(
         default_factory=lambda: ExpiringCache(max_entries=0, clock=time.time)
     )

@@ -211,7 +211,7 @@ class CacheSettings:
     # forget() (logout) made by another worker can be.
     local_seconds: int = 30
     # Answer a byte-identical repeat of a POST /v1/credentials from the worker's memory
-    # (within local_seconds; still rate-limited and audited). See broker.web.replay.
+    # (within local_seconds; still rate-limited and audited). See broker.web.exchange.
     replay: bool = True
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -11,9 +12,8 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from broker.errors import BadRequest, InvalidToken, NotFound, Unauthenticated
-from broker.services import Issued, current_services
-from broker.web import replay
+from broker.errors import BadRequest, BrokerError, InvalidToken, NotFound, Unauthenticated
+from broker.services import Issued, Services, current_services
 from broker.web.security_headers import no_store
 
 audit_log = logging.getLogger("broker.audit")
@@ -24,9 +24,19 @@ MAX_TOKEN_CHARS = 16 * 1024
 _KIND_NAMES = {str: "a string", int: "a number", dict: "a JSON object"}
 
 
+# POST /v1/credentials: its fields, and those it cannot do without.
+CREDENTIALS_FIELDS: Mapping[str, type] = {
+    "provider": str,
+    "token": str,
+    "role_arn": str,
+    "duration_seconds": int,
+    "nonce": str,
+}
+CREDENTIALS_REQUIRED = ("provider", "token")
+
+
 def json_body(allowed: Mapping[str, type], required: tuple[str, ...]) -> dict[str, Any]:
-    """The request's JSON object, checked against a flat schema. Unknown fields are
-    refused so a misspelt ``role_arn`` is an error, not a silently ignored choice."""
+    """The request's JSON object, checked against a flat schema (``checked_body``)."""
     if not request.is_json:
         raise BadRequest("send a JSON body with Content-Type: application/json")
     limit = current_app.config["MAX_CONTENT_LENGTH"]
@@ -39,6 +49,24 @@ def json_body(allowed: Mapping[str, type], required: tuple[str, ...]) -> dict[st
     except RecursionError:
         # json gives up on deep nesting with RecursionError, not ValueError.
         raise BadRequest("the JSON body is nested too deeply") from None
+    return checked_body(body, allowed, required)
+
+
+def parse_body(raw: bytes) -> Any:
+    """A request body as JSON, as ``request.get_json`` reads it; None if it is not JSON."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise BadRequest("the JSON body is nested too deeply") from None
+    except ValueError:  # not JSON, or not text in any encoding JSON allows
+        return None
+
+
+def checked_body(
+    body: Any, allowed: Mapping[str, type], required: tuple[str, ...]
+) -> dict[str, Any]:
+    """``body`` if it is a JSON object that fits a flat schema. Unknown fields are
+    refused so a misspelt ``role_arn`` is an error, not a silently ignored choice."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     unknown = sorted(set(body) - set(allowed))
@@ -74,7 +102,7 @@ def issued_json(issued: Issued) -> dict[str, Any]:
 
 @blueprint.before_request
 def _per_ip_limit() -> None:
-    refused = replay.refused_by_replay()
+    refused = refused_by_replay()
     if refused is not None:
         raise refused  # already counted by the replay attempt
     current_services().limit_address(request.remote_addr)
@@ -86,23 +114,30 @@ blueprint.after_request(no_store)
 
 @blueprint.post("/credentials")
 def credentials() -> Response:
-    body = json_body(
-        {
-            "provider": str,
-            "token": str,
-            "role_arn": str,
-            "duration_seconds": int,
-            "nonce": str,
-        },
-        required=("provider", "token"),
-    )
-    services = current_services()
+    """Only what ``broker.web.exchange`` hands on: most requests are answered there,
+    before Flask, by the same ``exchange``."""
+    body = json_body(CREDENTIALS_FIELDS, required=CREDENTIALS_REQUIRED)
+    return jsonify(issued_json(exchange(current_services(), body)))
+
+
+# Left in the WSGI environ by broker.web.exchange when a replay's rate limit refused.
+REFUSED_KEY = "broker.replay_rate_limited"
+
+
+def refused_by_replay() -> BrokerError | None:
+    """Why a replay attempt's rate-limit check refused the request (the limit was
+    exceeded, or Redis could not count it), so the normal path answers with exactly
+    that error instead of counting the request a second time."""
+    refused = request.environ.get(REFUSED_KEY)
+    return refused if isinstance(refused, BrokerError) else None
+
+
+def exchange(services: Services, body: Mapping[str, Any]) -> Issued:
+    """A checked request body's token for credentials: verify, identity, rules, mint."""
     identity = services.identify(body["provider"], body["token"], nonce=body.get("nonce"))
-    issued = services.issue(
+    return services.issue(
         identity, role_arn=body.get("role_arn"), duration_seconds=body.get("duration_seconds")
     )
-    replay.remember(issued)
-    return jsonify(issued_json(issued))
 
 
 def _container_token() -> str:

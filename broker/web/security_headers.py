@@ -103,6 +103,16 @@ _COMMON = (
 _HSTS = (("Strict-Transport-Security", "max-age=31536000"),)
 
 
+def json_headers(*, secure: bool) -> tuple[tuple[str, str], ...]:
+    """What every non-HTML response carries (HSTS too when ``secure``: the public URL
+    is https or the request came over TLS). The credentials exchange
+    (``broker.web.exchange``) sends exactly these, and the no-store pair."""
+    return (("Content-Security-Policy", NON_HTML_POLICY), *_COMMON, *(_HSTS if secure else ()))
+
+
+NO_STORE = (("Cache-Control", "no-store"), ("Pragma", "no-cache"))
+
+
 def install(app: Flask) -> None:
     """Add the headers to every response of ``app`` (after its services are set)."""
     from broker.services import EXTENSION_KEY
@@ -113,7 +123,7 @@ def install(app: Flask) -> None:
     https = settings.server.public_url.startswith("https://")
 
     html_headers = (("Content-Security-Policy", html_policy), *_COMMON)
-    other_headers = (("Content-Security-Policy", NON_HTML_POLICY), *_COMMON)
+    other_headers = json_headers(secure=False)
 
     @app.after_request
     def _security_headers(response: Response) -> Response:
