@@ -8,9 +8,24 @@ caller presenting a fresh token for the same identity and grant gets the same
 credentials without another STS call.
 
 A burst of requests for one uncached entry, from any number of threads and broker
-processes, makes one STS call: the first to take the entry's Redis lock calls STS and
-fills the cache; the others poll the cache until it is filled, or take the lock over if
-the leader failed and released it.
+processes, makes one STS call (singleflight), and a new identity costs its leader two
+Redis round trips:
+
+1. read-or-lock (``Store.read_or_lock``): one script returns the entry if there is one,
+   else takes the entry's lock (SET NX PX with a token of the request's own). The
+   request that gets the lock is the leader and calls STS; the others, followers, poll
+   with the same script until it returns the entry the leader filled, or the lock,
+   when the leader released it unfilled or its lock expired (they take over). An entry
+   a caller cannot use (too close to expiry for it, unreadable) counts as none on its
+   next poll, so it may take the lock and replace it.
+2. store-and-unlock (``Store.store_and_unlock``): one script indexes the entry under
+   its identity (for ``forget``), stores it and releases the lock if it is still the
+   leader's.
+
+If STS fails, the leader writes the failure into the entry for a few seconds before it
+releases the lock: followers and new callers read it with their next read-or-lock and
+answer 503 at once rather than call STS one after another. The entry, its lock and the
+identity's index share the identity's hash tag, so each script runs on Redis Cluster.
 
 Credentials STS has minted reach the caller even when Redis fails before they are
 cached, or when the lock cannot be released: they are valid, and the cache is only an
@@ -21,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -40,7 +56,7 @@ from broker.memo import ExpiringCache
 from broker.policy import session_name
 from broker.rules import Grant
 from broker.settings import CacheSettings
-from broker.store import Store
+from broker.store import Found, Store
 from broker.sts import STS, AssumeRequest, IssuedCredentials
 
 # Followers poll the cache while the leader waits on STS: fast at first (STS usually
@@ -100,49 +116,58 @@ class CredentialService:
             return self._assume(identity, grant)
 
         digest = self._digest(identity.identity_id, grant)
-        # Tagged with the identity: forget() drops an identity's entries and their
-        # index in one script, which Redis Cluster runs only within one hash slot.
+        # Tagged with the identity: the entry, its lock and the identity's index are
+        # touched together by one script (read-or-lock, store-and-unlock, forget's
+        # drop), which Redis Cluster runs only within one hash slot.
         key = self._store.key("creds", digest, tag=identity.identity_id)
-        cached = self._local.get(key)
-        if cached is not None and self._lasts(cached, min_left):
+        cached = self._from_memory(key, min_left)
+        if cached is not None:
             metrics.cache_result("memory")
             return cached
-        cached = self._cached(key, min_left)
-        metrics.cache_result("miss" if cached is None else "redis")
-        if cached is not None:
-            return cached
+        lock = self._store.key("lock", digest, tag=identity.identity_id)
+        return self._singleflight(identity, grant, key, lock, min_left)
 
+    def _singleflight(
+        self, identity: Identity, grant: Grant, key: str, lock: str, min_left: float
+    ) -> IssuedCredentials:
+        """The entry from Redis, or the lock to fill it (``_fill``), or the leader's
+        result: each attempt is one read-or-lock round trip."""
+        token = secrets.token_hex(16)  # this request's hold on the lock, if it gets it
         started = time.monotonic()
         deadline = started + self._settings.lock_wait_seconds
         poll = _POLL_FIRST_SECONDS
+        unusable: bytes | None = None  # an entry read already, which this caller cannot use
+        first = True
         waited = False  # counted as a singleflight wait once it lost the lock a first time
         while True:
-            # One non-blocking attempt per round: while another process holds the lock,
-            # watching the cache returns as soon as the leader fills it, rather than
-            # queueing every follower through the lock one by one.
-            with self._store.lock(
-                digest, timeout=self._settings.lock_timeout_seconds, wait=0
-            ) as leader:
-                if leader:
-                    # The previous leader may have filled the cache just before we won.
-                    cached = self._cached(key, min_left)
-                    if waited:
-                        outcome = "took_over" if cached is None else "filled"
-                        metrics.singleflight_wait(outcome, time.monotonic() - started)
-                    if cached is not None:
-                        return cached
-                    try:
-                        issued = self._assume(identity, grant)
-                    except ServerError as exc:
-                        self._note_failure(key, exc)
-                        raise
-                    self._put(key, identity.identity_id, issued)
-                    return issued
-            waited = True
-            cached = self._cached(key, min_left)
+            found = self._store.read_or_lock(
+                key,
+                lock=lock,
+                token=token,
+                timeout=self._settings.lock_timeout_seconds,
+                unless=unusable,
+            )
+            # Raises the failure hold (a 503) for leader and followers alike.
+            cached = self._usable(key, found.value, min_left) if isinstance(found, Found) else None
+            if first:
+                metrics.cache_result("miss" if cached is None else "redis")
+                first = False
             if cached is not None:
-                metrics.singleflight_wait("filled", time.monotonic() - started)
+                if waited:
+                    metrics.singleflight_wait("filled", time.monotonic() - started)
                 return cached
+            if isinstance(found, Found):
+                # Too close to expiry for this caller, or unreadable: ask again at once,
+                # to take the lock and replace it (or get whatever replaced it meanwhile).
+                unusable = found.sealed
+                continue
+            if found:
+                if waited:
+                    metrics.singleflight_wait("took_over", time.monotonic() - started)
+                return self._fill(identity, grant, key, lock, token)
+            # Another request holds the lock. Polling, rather than queueing every
+            # follower through the lock, returns as soon as the leader fills the entry.
+            waited = True
             if time.monotonic() >= deadline:
                 metrics.singleflight_wait("timeout", time.monotonic() - started)
                 # The leader is still waiting on STS. Calling STS as well would defeat
@@ -154,12 +179,50 @@ class CredentialService:
                 )
             time.sleep(poll)
             poll = min(poll * 2, _POLL_MAX_SECONDS)
+            # A leader in this worker keeps what it minted in memory, even when Redis
+            # failed to store it.
+            cached = self._from_memory(key, min_left)
+            if cached is not None:
+                metrics.singleflight_wait("filled", time.monotonic() - started)
+                return cached
+
+    def _fill(
+        self, identity: Identity, grant: Grant, key: str, lock: str, token: str
+    ) -> IssuedCredentials:
+        """As the lock's holder: credentials from STS, then the entry stored, indexed
+        and the lock released in one round trip."""
+        try:
+            issued = self._assume(identity, grant)
+        except BaseException as exc:
+            if isinstance(exc, ServerError):
+                self._note_failure(key, exc)  # before the release: no follower misses it
+            self._store.unlock(lock, token=token)
+            raise
+        ttl = self._remaining(issued)
+        if ttl <= 0:
+            # Shorter-lived than the margin: hand out once, never cache.
+            self._store.unlock(lock, token=token)
+            return issued
+        self._remember(key, issued)
+        # If Redis fails now (the store logs it), the credentials are still valid: hand
+        # them out uncached rather than turn a successful STS call into an error. The
+        # lock then expires by itself.
+        with suppress(StoreUnavailable):
+            self._store.store_and_unlock(
+                key,
+                _encode(issued),
+                ttl=ttl,
+                index=self._index_key(identity.identity_id),
+                lock=lock,
+                token=token,
+            )
+        return issued
 
     def _note_failure(self, key: str, exc: ServerError) -> None:
         """Tell every process that STS just failed for these credentials: the cache
         entry holds the failure for the error's Retry-After (at most
         ``FAILURE_HOLD_SECONDS``), so followers waiting on the leader and callers
-        arriving meanwhile answer 503 at once (``_cached`` raises it) instead of calling
+        arriving meanwhile answer 503 at once (``_usable`` raises it) instead of calling
         STS again one after another, the queue a hung STS must not build. Never written
         over credentials still in the entry (NX)."""
         hold = max(1, min(exc.retry_after or _BUSY_RETRY_AFTER, FAILURE_HOLD_SECONDS))
@@ -245,13 +308,15 @@ class CredentialService:
     def _lasts(self, issued: IssuedCredentials, min_left: float) -> bool:
         return not min_left or issued.expiration.timestamp() - self._clock() >= min_left
 
-    def _cached(self, key: str, min_left: float = 0.0) -> IssuedCredentials | None:
-        local = self._local.get(key)
-        if local is not None and self._lasts(local, min_left):
-            return local
-        value = self._store.get_sealed(key)
+    def _from_memory(self, key: str, min_left: float) -> IssuedCredentials | None:
+        cached = self._local.get(key)
+        return cached if cached is not None and self._lasts(cached, min_left) else None
+
+    def _usable(self, key: str, value: Any, min_left: float) -> IssuedCredentials | None:
+        """The credentials in an entry read from Redis, remembered in this worker's
+        memory, if they may be handed out; None if not. A failure hold is a 503."""
         if value is None:
-            return None
+            return None  # sealed with a retired key, or tampered with
         if isinstance(value, dict) and isinstance(value.get("failed"), dict):
             failed = value["failed"]
             raise DependencyUnavailable(
@@ -278,20 +343,6 @@ class CredentialService:
     def _remaining(self, issued: IssuedCredentials) -> float:
         """Seconds the credentials may still be handed out."""
         return issued.expiration.timestamp() - self._clock() - self._settings.safety_margin_seconds
-
-    def _put(self, key: str, identity_id: str, issued: IssuedCredentials) -> None:
-        ttl = self._remaining(issued)
-        if ttl <= 0:
-            return  # shorter-lived than the margin: hand out once, never cache
-        self._remember(key, issued)
-        try:
-            # Index first: if the second write fails, forget() still finds the entry.
-            self._store.index_add(self._index_key(identity_id), key, ttl=ttl)
-            self._store.set_sealed(key, _encode(issued), ttl=ttl)
-        except StoreUnavailable:
-            # Logged by the store. The credentials are valid: hand them out uncached
-            # rather than turn a successful STS call into an error.
-            pass
 
 
 def _encode(issued: IssuedCredentials) -> dict[str, Any]:

@@ -123,6 +123,45 @@ redis.call('DEL', KEYS[1])
 return dropped
 """
 
+# A singleflight's first step and its followers' poll, in one round trip: the value at
+# KEYS[1] if there is one (other than ARGV[3], a value the caller has read and cannot
+# use; '' for none), else 1 if the lock KEYS[2] is now ours (token ARGV[1], for ARGV[2]
+# ms), else 0. A bulk string or an integer: the caller tells them apart by type.
+_READ_OR_LOCK = """
+local value = redis.call('GET', KEYS[1])
+if value and value ~= ARGV[3] then
+  return value
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+return 0
+"""
+
+# A singleflight's last step, in one round trip: index KEYS[1] in KEYS[2] as _INDEX_ADD
+# does (the index's TTL stretched, never shortened), store the sealed ARGV[1] at KEYS[1]
+# for ARGV[2] ms, and release the lock KEYS[3] if it still holds our token ARGV[3] (it
+# may have expired and been taken over: the new holder's lock is not ours to drop).
+_STORE_AND_UNLOCK = """
+redis.call('SADD', KEYS[2], KEYS[1])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[3]) == ARGV[3] then
+  redis.call('DEL', KEYS[3])
+end
+return 1
+"""
+
+# Release the lock KEYS[1] if it still holds our token ARGV[1].
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 # A token bucket in one hash: n = tokens left (fractional), t = when n was computed, in
 # ms by the Redis server's clock (TIME), so every broker process and node counts alike.
 # Reading TIME before a write needs script effects replication: the default since Redis
@@ -149,6 +188,16 @@ redis.call('HSET', KEYS[1], 'n', tostring(tokens), 't', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) * refill_ms) + 1000)
 return taken
 """
+
+
+@dataclass(frozen=True)
+class Found:
+    """A sealed value ``read_or_lock`` found: ``value`` opened (None when no key opens
+    it: tampered, or sealed with a retired key), and ``sealed`` as stored, to pass back
+    as ``unless`` when the caller cannot use it."""
+
+    value: Any | None
+    sealed: bytes
 
 
 @dataclass
@@ -472,9 +521,7 @@ class Store:
     def _open(self, key: str, raw: bytes | str | None) -> Any | None:
         if raw is None:
             return None
-        if isinstance(raw, str):  # a client built with decode_responses: never ours
-            raw = raw.encode("latin-1")
-        plain = self._sealer.open(raw, context=key.encode())
+        plain = self._sealer.open(_bytes(raw), context=key.encode())
         return None if plain is None else json.loads(plain)
 
     @_guarded
@@ -542,6 +589,52 @@ class Store:
         dropped = sum(int(self.client.delete(k)) for k in keys)
         self.client.delete(index)
         return dropped
+
+    # -- singleflight (one caller fills a value, the others wait for it) ---------------
+
+    def read_or_lock(
+        self, key: str, *, lock: str, token: str, timeout: float, unless: bytes | None = None
+    ) -> Found | bool:
+        """The sealed value at ``key``; or, when there is none, whether ``lock`` is now
+        held with ``token`` (for ``timeout`` seconds, unless released): one round trip.
+
+        ``unless`` is a value the caller read before and cannot use (``Found.sealed``):
+        while it is still there it counts as none, so the caller may take the lock to
+        replace it, and any other value is returned. A holder of ``lock`` releases it
+        with ``store_and_unlock`` or ``unlock``; ``key`` and ``lock`` share a hash tag."""
+        _same_slot(key, lock)
+        timeout_ms, known = _ttl_ms(timeout), unless or b""
+        answer: bytes | str | int = self.guard.call(
+            lambda: self.client.eval(_READ_OR_LOCK, 2, key, lock, token, timeout_ms, known),
+            operation="read_or_lock",
+        )
+        if isinstance(answer, int):
+            return bool(answer)
+        return Found(value=self._open(key, answer), sealed=_bytes(answer))
+
+    def store_and_unlock(
+        self, key: str, value: Any, *, ttl: float, index: str, lock: str, token: str
+    ) -> None:
+        """Seal ``value`` at ``key`` for ``ttl`` seconds, add ``key`` to ``index`` (its TTL
+        stretched to cover it, never shortened: ``index_add``), and release ``lock`` if
+        ``token`` still holds it: one atomic round trip, so ``drop_index`` never misses
+        a stored value. ``key``, ``index`` and ``lock`` share a hash tag.
+
+        Raises ``StoreUnavailable`` like any call; a lock it leaves behind then expires
+        by itself."""
+        _same_slot(key, index, lock)
+        sealed, ttl_ms = self._seal(key, value), max(1, math.ceil(ttl * 1000))
+        self.guard.call(
+            lambda: self.client.eval(_STORE_AND_UNLOCK, 3, key, index, lock, sealed, ttl_ms, token),
+            operation="store_and_unlock",
+        )
+
+    def unlock(self, lock: str, *, token: str) -> None:
+        """Release a lock ``read_or_lock`` took, if ``token`` still holds it. Never
+        raises: if Redis fails, the lock expires by itself after its timeout."""
+        # Logged by the guard; the lock's TTL frees it.
+        with suppress(StoreUnavailable):
+            self.guard.call(lambda: self.client.eval(_UNLOCK, 1, lock, token), operation="unlock")
 
     @_guarded
     def ttl_seconds(self, key: str) -> float | None:
@@ -620,10 +713,22 @@ def hash_tag(key: str) -> str | None:
     return key[start + 1 : end] if end > start + 1 else None
 
 
+def _same_slot(*keys: str) -> None:
+    """Keys one script touches must share a hash tag: one Cluster slot."""
+    tag = hash_tag(keys[0])
+    if tag is None or any(hash_tag(key) != tag for key in keys[1:]):
+        raise ValueError("keys one script touches must share one hash tag")
+
+
 def _release(lock: Any) -> None:
     # LockError: it expired while held and the next caller already took over.
     with suppress(redis.exceptions.LockError):
         lock.release()
+
+
+def _bytes(raw: bytes | str) -> bytes:
+    # A client built with decode_responses hands back str: never ours.
+    return raw.encode("latin-1") if isinstance(raw, str) else raw
 
 
 def _text(raw: bytes | str | None) -> str | None:

@@ -20,7 +20,10 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -498,15 +501,75 @@ def sentinel_target(group: SentinelGroup) -> RedisTarget:
     return RedisTarget("sentinel", group.settings())
 
 
+def primaries(client: redis.Redis) -> list[redis.Redis]:
+    """A client per node holding data: the server itself, or every Cluster primary."""
+    if hasattr(client, "get_primaries"):  # a RedisCluster (connect() builds it lazily)
+        cluster = cast(redis.RedisCluster, client)
+        return [cluster.get_redis_connection(node) for node in cluster.get_primaries()]  # type: ignore[no-untyped-call]
+    return [client]
+
+
 def keys_matching(client: redis.Redis, pattern: str) -> list[bytes]:
     """Every key matching ``pattern``, sorted: on a standalone Redis, or on every
     Cluster primary."""
-    if hasattr(client, "get_primaries"):  # a RedisCluster (connect() builds it lazily)
-        cluster = cast(redis.RedisCluster, client)
-        nodes = [cluster.get_redis_connection(node) for node in cluster.get_primaries()]  # type: ignore[no-untyped-call]
-    else:
-        nodes = [client]
-    return sorted(key for node in nodes for key in node.scan_iter(match=pattern))
+    return sorted(key for node in primaries(client) for key in node.scan_iter(match=pattern))
+
+
+# Commands that are not the broker's own work: a new connection's handshake (redis-py
+# names itself with CLIENT SETINFO), a Cluster client's discovery when it is built
+# (CLUSTER SLOTS, COMMAND), and the counting's own marker.
+_NOT_COUNTED = frozenset({"client", "hello", "auth", "select", "cluster", "command", "echo"})
+_COUNTING = threading.Lock()  # the readers (one per primary) adding up their counts
+
+
+@contextmanager
+def round_trips(client: redis.Redis) -> Iterator[Counter[str]]:
+    """The commands clients sent the primaries while inside, by name (lower case): one
+    command, one round trip. Counted with MONITOR, which tells them apart from the
+    commands a script runs inside Redis (no round trip; CONFIG RESETSTAT's counters
+    would count those too). Connection handshakes are left out. Read after the block."""
+    sent: Counter[str] = Counter()
+    marker = f"round-trips-{uuid.uuid4().hex}"
+    with ExitStack() as stack:
+        readers: list[threading.Thread] = []
+        for node in primaries(client):
+            # Its own connection, with no read timeout: the work may pause (an STS call).
+            pool = node.connection_pool
+            watcher = redis.Redis(
+                connection_pool=redis.ConnectionPool(
+                    connection_class=pool.connection_class,
+                    **{**pool.connection_kwargs, "socket_timeout": None},
+                )
+            )
+            stack.callback(watcher.close)
+            # Watching once this returns.
+            monitor = stack.enter_context(watcher.monitor())  # type: ignore[no-untyped-call]
+            reader = threading.Thread(target=_count_until, args=(monitor, marker, sent))
+            reader.start()
+            readers.append(reader)
+        try:
+            yield sent
+        finally:  # the readers stop before their connections close, even on a failure
+            for node in primaries(client):
+                node.echo(marker)
+            for reader in readers:
+                reader.join(30)
+        assert not any(r.is_alive() for r in readers), "MONITOR never showed the end marker"
+
+
+def _count_until(monitor: Any, marker: str, sent: Counter[str]) -> None:
+    counted: Counter[str] = Counter()
+    while True:
+        seen = monitor.next_command()
+        if seen["client_type"] == "lua":
+            continue
+        name = seen["command"].split(" ", 1)[0].lower()
+        if name == "echo" and marker in seen["command"]:
+            break
+        if name not in _NOT_COUNTED:
+            counted[name] += 1
+    with _COUNTING:
+        sent.update(counted)
 
 
 def close_clients(clients: Iterable[redis.Redis]) -> None:

@@ -26,7 +26,12 @@ from broker.settings import CacheSettings
 from broker.store import Sealer, Store
 from broker.sts import AssumeRequest, BotocoreSTS, IssuedCredentials
 from tests.integration.aws_fixtures import READER_ROLE, WRITER_ROLE, LocalAWS, local_aws
-from tests.redis_ha import RedisTarget, close_clients, keys_matching
+from tests.redis_ha import (
+    RedisTarget,
+    close_clients,
+    keys_matching,
+    round_trips,
+)
 from tests.unit.oidc_fixtures import FakeClock
 
 pytestmark = pytest.mark.integration
@@ -336,6 +341,125 @@ def test_failures_are_not_cached_and_release_the_lock(real_sts: BotocoreSTS, sto
     # ...then the next caller asks STS again: nothing was cached, the lock was released.
     assert credentials.get(identity(), GRANT).access_key_id
     assert sts.calls == 2
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_a_new_identity_costs_the_leader_two_round_trips(
+    sts: CountingSTS, new_store: Callable[[], Store]
+) -> None:
+    stores = new_store(), new_store()
+    worker, other_worker = service(sts, stores[0]), service(sts, stores[1])
+    new = identity(f"new-{uuid.uuid4().hex[:8]}")
+
+    with round_trips(stores[0].client) as sent:
+        worker.get(new, GRANT)
+
+    # Read-or-lock, then store-and-unlock: one script each (before: GET, SET NX, GET,
+    # EVAL, SET, EVALSHA).
+    assert sent == {"eval": 2}
+    assert sts.calls == 1
+    # Another worker reads them in one round trip, then from its memory in none.
+    with round_trips(stores[1].client) as sent:
+        other_worker.get(new, GRANT)
+        other_worker.get(new, GRANT)
+    assert sent == {"eval": 1}
+    assert sts.calls == 1
+
+
+def test_renewing_an_entry_the_caller_cannot_use_costs_three_round_trips(
+    sts: CountingSTS, store: Store
+) -> None:
+    grant = replace(GRANT, duration_seconds=3600)
+    first = service(sts, store).get(identity(), grant)
+    # 15 minutes left: too few for a self-renewing SDK, so it takes the lock over them.
+    skew = first.expiration.timestamp() - time.time() - 900
+    later = CredentialService(
+        sts=sts, store=store, settings=CACHE, config_version="v1", clock=lambda: time.time() + skew
+    )
+
+    with round_trips(store.client) as sent:
+        renewed = later.get(identity(), grant, min_left=sdk_min_left(grant.duration_seconds))
+
+    assert renewed != first
+    assert sts.calls == 2
+    # The read, the lock taken over the entry it cannot use, store-and-unlock.
+    assert sent == {"eval": 3}
+
+
+def test_a_burst_for_a_new_identity_polls_with_the_script_alone(
+    real_sts: BotocoreSTS, new_store: Callable[[], Store]
+) -> None:
+    sts = CountingSTS(real_sts, delay=0.2)
+    stores = [new_store(), new_store()]
+
+    # No worker memory: every request asks Redis at least once.
+    with round_trips(stores[0].client) as sent:
+        results = burst([service(sts, s, local_seconds=0) for s in stores], 20)
+
+    assert sts.calls == 1
+    assert len({r.access_key_id for r in results}) == 1
+    # Leader and followers alike: read-or-lock polls, one store-and-unlock; no GET, no
+    # lock SET, no EVALSHA of a lock release.
+    assert set(sent) == {"eval"}
+    assert sent["eval"] >= 20 + 1
+
+
+class BrokenOnceSTS(CountingSTS):
+    """The first call fails with a bug of ours (not an STS failure: no failure hold)."""
+
+    def assume_role_with_web_identity(self, request: AssumeRequest) -> IssuedCredentials:
+        if self.calls == 0:
+            with self._lock:
+                self.requests.append(request)
+            time.sleep(self._delay)
+            raise RuntimeError("a bug in the leader")
+        return super().assume_role_with_web_identity(request)
+
+
+def test_a_follower_takes_over_when_the_leader_released_without_filling(
+    real_sts: BotocoreSTS, new_store: Callable[[], Store]
+) -> None:
+    sts = BrokenOnceSTS(real_sts, delay=0.5)
+    store = new_store()
+    leader, follower = service(sts, new_store()), service(sts, store)
+    before = cache_counts()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        leading = pool.submit(leader.get, identity(), GRANT)
+        while sts.calls == 0:
+            time.sleep(0.01)
+
+        started = time.monotonic()
+        issued = follower.get(identity(token="token-2"), GRANT)
+        # Released, not expired: well before lock_timeout_seconds (10 s).
+        assert time.monotonic() - started < 3.0
+        with pytest.raises(RuntimeError):
+            leading.result(timeout=10)
+
+    assert issued.access_key_id
+    assert sts.calls == 2
+    assert counted_since(before)["took_over"] == 1
+    assert not [k for k in keys_with_prefix(store) if b":lock" in k]
+
+
+def test_the_failure_hold_answers_a_new_caller_in_one_round_trip(
+    real_sts: BotocoreSTS, new_store: Callable[[], Store]
+) -> None:
+    sts = FailingOnceSTS(real_sts)
+    store = new_store()
+    leader, caller = service(sts, new_store()), service(sts, store)
+    with pytest.raises(errors.UpstreamError):
+        leader.get(identity(), GRANT)
+
+    with (
+        round_trips(store.client) as sent,
+        pytest.raises(errors.DependencyUnavailable, match="failed a moment ago"),
+    ):
+        caller.get(identity(token="token-2"), GRANT)
+
+    assert sum(sent.values()) == 1
+    assert sts.calls == 1
 
 
 # --------------------------------------------------------------------------- singleflight

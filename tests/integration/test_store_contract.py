@@ -1,6 +1,7 @@
 """The Store's contract, method by method, on a standalone redis-server and on a real
 3-master Cluster (``redis_target``): every operation the broker relies on behaves the
-same on both, including the multi-key ones (tagged indexes, locks, the refresh bucket).
+same on both, including the multi-key ones (tagged indexes, locks, the singleflight
+scripts, the refresh bucket).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker.store import Sealer, Store
+from broker.store import Found, Sealer, Store
 from tests.redis_ha import RedisTarget, close_clients
 
 pytestmark = pytest.mark.integration
@@ -112,3 +113,90 @@ def test_one_lock_holder_at_a_time(store: Store) -> None:
     thread.join(5)
     with store.lock("contract", timeout=5, wait=1) as third:
         assert third is True
+
+
+def test_read_or_lock_reads_the_value_or_takes_the_lock_for_one_caller(store: Store) -> None:
+    key, lock = store.key("value", tag="id-1"), store.key("lock", "value", tag="id-1")
+
+    assert store.read_or_lock(key, lock=lock, token="first", timeout=5) is True
+    assert store.read_or_lock(key, lock=lock, token="second", timeout=5) is False
+    assert store.client.get(lock) == b"first"
+    assert 0 < store.client.pttl(lock) <= 5000
+    store.set_sealed(key, {"v": 1}, ttl=60)
+    found = store.read_or_lock(key, lock=lock, token="second", timeout=5)
+    assert isinstance(found, Found)
+    assert found.value == {"v": 1}
+    assert found.sealed == store.client.get(key)  # as stored: never opened in Redis
+
+
+def test_read_or_lock_locks_over_a_value_the_caller_cannot_use(store: Store) -> None:
+    key, lock = store.key("value", tag="id-1"), store.key("lock", "value", tag="id-1")
+    store.set_sealed(key, {"v": "stale"}, ttl=60)
+    stale = store.read_or_lock(key, lock=lock, token="t", timeout=5)
+    assert isinstance(stale, Found)
+
+    assert store.read_or_lock(key, lock=lock, token="t", timeout=5, unless=stale.sealed) is True
+    # Another caller that cannot use it either waits for the holder; any other value
+    # is returned, to everyone.
+    assert store.read_or_lock(key, lock=lock, token="u", timeout=5, unless=stale.sealed) is False
+    store.set_sealed(key, {"v": "fresh"}, ttl=60)
+    fresh = store.read_or_lock(key, lock=lock, token="u", timeout=5, unless=stale.sealed)
+    assert isinstance(fresh, Found)
+    assert fresh.value == {"v": "fresh"}
+
+
+def test_a_value_no_key_opens_is_found_unopened(store: Store) -> None:
+    key, lock = store.key("value", tag="id-1"), store.key("lock", "value", tag="id-1")
+    store.client.set(key, b"\x01" + b"x" * 40)  # tampered with, or a retired key's
+
+    found = store.read_or_lock(key, lock=lock, token="t", timeout=5)
+
+    assert isinstance(found, Found)
+    assert found.value is None
+    assert found.sealed == b"\x01" + b"x" * 40
+
+
+def test_store_and_unlock_stores_indexes_and_releases_only_its_own_lock(store: Store) -> None:
+    key, index = store.key("value", tag="id-1"), store.key("index", tag="id-1")
+    lock = store.key("lock", "value", tag="id-1")
+    store.index_add(index, store.key("other", tag="id-1"), ttl=120)
+    assert store.read_or_lock(key, lock=lock, token="mine", timeout=5) is True
+
+    store.store_and_unlock(key, {"v": 1}, ttl=60, index=index, lock=lock, token="mine")
+
+    assert store.get_sealed(key) == {"v": 1}
+    assert 59 < (store.ttl_seconds(key) or 0) <= 60
+    assert store.client.get(lock) is None
+    # Indexed, and the index's longer TTL was kept, not shortened.
+    assert store.key("value", tag="id-1").encode() in store.client.smembers(index)
+    assert (store.ttl_seconds(index) or 0) > 100
+    # A lock another caller holds now (ours expired meanwhile, say) is not ours to drop.
+    assert store.read_or_lock(store.key("next", tag="id-1"), lock=lock, token="new", timeout=5)
+    store.store_and_unlock(key, {"v": 2}, ttl=60, index=index, lock=lock, token="mine")
+    assert store.client.get(lock) == b"new"
+    assert store.drop_index(index) == 1  # the value; "other" was never stored
+
+
+def test_unlock_releases_only_the_holders_lock(store: Store) -> None:
+    key, lock = store.key("value", tag="id-1"), store.key("lock", "value", tag="id-1")
+    assert store.read_or_lock(key, lock=lock, token="holder", timeout=5) is True
+
+    store.unlock(lock, token="someone-else")
+    assert store.read_or_lock(key, lock=lock, token="t", timeout=5) is False
+    store.unlock(lock, token="holder")
+    assert store.read_or_lock(key, lock=lock, token="t", timeout=5) is True
+
+
+@pytest.mark.parametrize(
+    ("key_tag", "lock_tag"),
+    [("id-1", "id-2"), (None, "id-1"), ("id-1", None), (None, None)],
+)
+def test_keys_one_script_touches_must_share_a_hash_tag(
+    store: Store, key_tag: str | None, lock_tag: str | None
+) -> None:
+    key, lock = store.key("value", tag=key_tag), store.key("lock", tag=lock_tag)
+    index = store.key("index", tag=key_tag)
+    with pytest.raises(ValueError, match="hash tag"):
+        store.read_or_lock(key, lock=lock, token="t", timeout=5)
+    with pytest.raises(ValueError, match="hash tag"):
+        store.store_and_unlock(key, 1, ttl=60, index=index, lock=lock, token="t")

@@ -90,6 +90,10 @@ CALLS: dict[str, Callable[[Store], Any]] = {
     "set_flag": lambda s: s.set_flag("t:f", ttl=10, only_if_new=True),
     "ping": lambda s: s.ping(),
     "lock": enter_lock,
+    "read_or_lock": lambda s: s.read_or_lock("t:a:{id}", lock="t:l:{id}", token="t", timeout=5),
+    "store_and_unlock": lambda s: s.store_and_unlock(
+        "t:a:{id}", {"x": 1}, ttl=10, index="t:i:{id}", lock="t:l:{id}", token="t"
+    ),
 }
 
 
@@ -185,6 +189,19 @@ def test_a_lock_release_that_fails_never_turns_the_result_into_an_error(
         faulty.fault(fault)
         result = "minted"
     assert result == "minted"
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_unlock_never_raises_and_waits_at_most_one_timeout(
+    faulty: FaultyRedis, store: Store, fault: str
+) -> None:
+    assert store.read_or_lock("t:a:{id}", lock="t:l:{id}", token="t", timeout=5) is True
+    faulty.fault(fault)
+
+    error, elapsed = timed(lambda: store.unlock("t:l:{id}", token="t"))
+
+    assert error is None
+    assert elapsed < TIMEOUT + SLACK
 
 
 @pytest.mark.parametrize("fault", FAULTS)
