@@ -59,9 +59,11 @@ from broker.settings import CacheSettings
 from broker.store import Found, Store
 from broker.sts import STS, AssumeRequest, IssuedCredentials
 
+# Credentials in a worker's memory (cache.local_seconds): each saves one Redis round
+# trip; about 1-2 KB each with a real session token.
+LOCAL_CACHE_ENTRIES = 4_096
 # Followers poll the cache while the leader waits on STS: fast at first (STS usually
 # answers in well under a second), backing off so a slow STS is not met with a storm.
-LOCAL_CACHE_ENTRIES = 10_000
 _POLL_FIRST_SECONDS = 0.01
 _POLL_MAX_SECONDS = 0.1
 # The AWS SDKs renew credentials with less than 15 minutes left (botocore's advisory

@@ -33,7 +33,9 @@ from broker.sts import STS, BotocoreSTS, IssuedCredentials
 audit_log = logging.getLogger("broker.audit")
 
 EXTENSION_KEY = "broker"
-REPLAY_ENTRIES = 10_000
+# A finished answer is 2-3 KB; the replay saves only the cached exchange's own work
+# (broker.web.exchange), so the hottest bodies are enough.
+REPLAY_ENTRIES = 2_048
 
 
 @dataclass(frozen=True, kw_only=True)

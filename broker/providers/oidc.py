@@ -24,6 +24,7 @@ through exactly the same steps 1-6.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -61,8 +62,10 @@ REQUIRED_CLAIMS = ["iss", "aud", "exp", "iat", "sub"]
 
 # Tokens verified recently, per worker: a mobile app presents the same ID token for
 # its whole life (about an hour), and re-checking an RSA signature each time is most of
-# the cost of a cached credentials request.
-VERIFIED_CACHE_ENTRIES = 10_000
+# the cost of a cached credentials request. An entry (the token and its claims) is 2-3
+# KB: this bound keeps the memory within about 10 MB a worker (the soak in the README's
+# Benchmark); a token that dropped out costs one more signature check (RS256: ~0.1 ms).
+VERIFIED_CACHE_ENTRIES = 4_096
 
 
 class OIDCProvider(IdentityProvider):
@@ -144,12 +147,20 @@ class OIDCProvider(IdentityProvider):
         # withdrawn by the provider stops working here as soon as it would without this
         # memory).
         digest = hashlib.sha256(token.encode()).digest()
-        verified = self._verified.get(digest)
-        if verified is None:
+        remembered = self._verified.get(digest)
+        if remembered is not None:
+            # Kept without the token (the caller holds it: its digest is the key), so
+            # the memory is the claims' size, not twice the token's.
+            verified = dataclasses.replace(remembered, token=token)
+        else:
             # Discovery and JWKS share one upstream budget for this token.
             with self._http.budget():
                 verified, keys_until = self._verify_signed(token)
-            self._verified.put(digest, verified, expires_at=min(verified.expires_at, keys_until))
+            self._verified.put(
+                digest,
+                dataclasses.replace(verified, token=""),
+                expires_at=min(verified.expires_at, keys_until),
+            )
 
         # Step 6: nonce, in constant time (it is a secret bound to the browser session).
         # Checked on every call: the same token may come with another caller's nonce.
@@ -234,7 +245,7 @@ class OIDCProvider(IdentityProvider):
         if not algorithm.verify(parsed.signing_input, key.key, parsed.signature):
             raise errors.InvalidToken("signature verification failed")
 
-    def _check_claims(self, claims: Mapping[str, Any]) -> dict[str, Any]:
+    def _check_claims(self, claims: Mapping[str, Any]) -> Mapping[str, Any]:
         """Required claims, their types, the lifetime (RFC 7519 section 4.1) and that
         one audience is ours. A small leeway (settings, default 60 s) absorbs clock
         skew between the IdP and us, for exp, iat and nbf alike; larger values would
@@ -264,7 +275,7 @@ class OIDCProvider(IdentityProvider):
             raise errors.InvalidToken("token has a non-string subject")
         if "jti" in claims and not isinstance(claims["jti"], str):
             raise errors.InvalidToken("token has a non-string jti claim")
-        return dict(claims)
+        return claims
 
     # ------------------------------------------------------------------------ keys
 
