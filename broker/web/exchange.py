@@ -78,10 +78,11 @@ class CredentialsExchange:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO") != PATH:
             return self._next(environ, start_response)
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or "")
-        except ValueError:
+        declared = environ.get("CONTENT_LENGTH") or ""
+        # Digits only: int() would also take " 5", "+5" and "5_0".
+        if not (declared.isascii() and declared.isdigit()):
             return self._next(environ, start_response)
+        length = int(declared)
         if not 0 < length <= self._max_body:
             return self._next(environ, start_response)  # chunked or too large: Flask decides
         body = environ["wsgi.input"].read(length)

@@ -33,6 +33,8 @@ def test_the_benchmark_runs_and_prints_its_figures(
             "1",
             "--warmup-seconds",
             "0",
+            "--warm-seconds",
+            "0",
             "--python-loadgen",
             "--loadgen-processes",
             "1",

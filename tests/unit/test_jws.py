@@ -548,3 +548,29 @@ def test_any_foreign_character_in_a_good_token_is_refused(position: int, charact
     with pytest.raises(errors.InvalidToken) as info:
         jws.parse(mutated)
     assert mutated not in info.value.message
+
+
+@pytest.mark.parametrize("levels", range(10, 22))
+def test_nesting_is_refused_from_the_same_depth_with_or_without_the_walk(levels: int) -> None:
+    # parse() walks the claims only when the text could hold something to find; at the
+    # edge of MAX_JSON_DEPTH its answer must be the walk's own.
+    payload = '{"a":' + "[" * levels + "1" + "]" * levels + "}"
+    token = ".".join(
+        [
+            jws.encode_segment(b'{"alg":"RS256"}'),
+            jws.encode_segment(payload.encode()),
+            jws.encode_segment(b"sig"),
+        ]
+    )
+    try:
+        jws._check_strings_and_depth(json.loads(payload))
+        walk_refuses = False
+    except jws._Refused:
+        walk_refuses = True
+
+    if walk_refuses:
+        with pytest.raises(errors.InvalidToken, match="nested too deeply"):
+            jws.parse(token)
+    else:
+        assert jws.parse(token).payload == json.loads(payload)
+    assert walk_refuses == (levels >= jws.MAX_JSON_DEPTH - 1)
