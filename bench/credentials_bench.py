@@ -185,6 +185,7 @@ class Figures:
     sts_subjects: int = 0
     sts_peak: int = 0  # most STS calls in flight at once
     rss_mb: list[float] = field(default_factory=list)
+    spread: tuple[float, float] = (0.0, 0.0)  # lowest and highest round's req/s
 
 
 WRK_LUA = """
@@ -351,6 +352,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds per mix, the apps in turn; the median round is reported",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8, help="gthread only")
     parser.add_argument("--worker-class", choices=("gthread", "gevent"), default="gevent")
@@ -442,6 +449,25 @@ def start(
     return stand_ins, issuer, apps
 
 
+def median_round(rounds: list[Figures]) -> Figures:
+    """The round with the median req/s (its latencies and memory as measured), with the
+    STS calls, subjects and errors of every round added up and the highest peak."""
+    ordered = sorted(rounds, key=lambda f: f.rps)
+    middle = ordered[(len(ordered) - 1) // 2]
+    return Figures(
+        rps=middle.rps,
+        p50=middle.p50,
+        p99=middle.p99,
+        errors=sum(f.errors for f in rounds),
+        requests=sum(f.requests for f in rounds),
+        sts_calls=sum(f.sts_calls for f in rounds),
+        sts_subjects=sum(f.sts_subjects for f in rounds),
+        sts_peak=max(f.sts_peak for f in rounds),
+        rss_mb=rounds[-1].rss_mb,
+        spread=(ordered[0].rps, ordered[-1].rps),
+    )
+
+
 def warm(app: App, bodies: list[str]) -> None:
     """Send each body once (64 at a time) and check every answer is a 200."""
 
@@ -455,16 +481,32 @@ def warm(app: App, bodies: list[str]) -> None:
         raise RuntimeError(f"{app.name}: {failed} of {len(bodies)} warm-up requests failed")
 
 
+def bodies_for(
+    mix: str, issuer: Issuer, people: list[str], cached: list[str], pool: int
+) -> list[str]:
+    """One round's request bodies for ``mix``, shared by the apps: each keeps its own
+    memories and Redis prefix, so a token or person new to one is new to the others."""
+    if mix == "one token":
+        return [issuer.body("alice")]
+    if mix == "cached identities":
+        return cached
+    if mix == "fresh tokens":
+        return [issuer.body(random.choice(people)) for _ in range(pool)]
+    tag = secrets.token_hex(3)
+    return [issuer.body(f"new-{tag}-{i}") for i in range(pool)]
+
+
 def run_mix(
     mix: str,
     app: App,
     *,
     issuer: Issuer,
-    people: list[str],
     cached: list[str],
     stand_ins: str,
     args: argparse.Namespace,
     tmp: Path,
+    bodies: list[str],
+    profile_row: bool,
 ) -> Figures:
     connections = args.new_connections if mix == "new identities" else args.connections
     one = [issuer.body("alice")]
@@ -478,18 +520,9 @@ def run_mix(
             measure(app.url, cached, args, tmp, connections=connections, seconds=args.warm_seconds)
     if args.warmup_seconds:
         measure(app.url, one, args, tmp, connections=connections, seconds=args.warmup_seconds)
-    if mix == "one token":
-        bodies = one
-    elif mix == "cached identities":
-        bodies = cached
-    elif mix == "fresh tokens":
-        bodies = [issuer.body(random.choice(people)) for _ in range(args.pool)]
-    else:
-        tag = secrets.token_hex(3)
-        bodies = [issuer.body(f"new-{tag}-{i}") for i in range(args.pool)]
     sts_stats(stand_ins, reset=True)
     spy = None
-    if args.profile and app.broker:
+    if args.profile and app.broker and profile_row:
         args.profile.mkdir(parents=True, exist_ok=True)
         samples = args.profile / f"{mix}-{app.name}.txt".replace(" ", "-")
         spy = profile.start(app.server.proc.pid, args.seconds, samples)
@@ -524,19 +557,26 @@ def main(argv: list[str] | None = None) -> int:
             if first.status_code != 200:
                 print(f"{app.name}: first request failed: {first.status_code} {first.text}")
                 return 1
-        results: dict[tuple[str, str], Figures] = {}
+        rounds: dict[tuple[str, str], list[Figures]] = {}
         for mix in args.mix_list:
-            for app in apps:
-                results[(mix, app.name)] = run_mix(
-                    mix,
-                    app,
-                    issuer=issuer,
-                    people=people,
-                    cached=cached,
-                    stand_ins=stand_ins,
-                    args=args,
-                    tmp=tmp,
-                )
+            for number in range(args.rounds):
+                bodies = bodies_for(mix, issuer, people, cached, args.pool)
+                # Each round starts with another app: none is always measured first.
+                shift = number % len(apps)
+                for app in apps[shift:] + apps[:shift]:
+                    figures = run_mix(
+                        mix,
+                        app,
+                        issuer=issuer,
+                        cached=cached,
+                        stand_ins=stand_ins,
+                        args=args,
+                        tmp=tmp,
+                        bodies=bodies,
+                        profile_row=number == 0,
+                    )
+                    rounds.setdefault((mix, app.name), []).append(figures)
+        results = {row: median_round(figures) for row, figures in rounds.items()}
         report(results, args.mix_list, apps, args)
         if args.soak_seconds:
             soak(apps, issuer, people, args, tmp)
@@ -561,13 +601,15 @@ def report(
     print(
         f"\nPOST /v1/credentials, gunicorn {args.worker_class} workers={args.workers}"
         + (f" threads={args.threads}" if args.worker_class == "gthread" else "")
-        + f", {args.seconds:.0f}s per row, {args.connections} connections "
+        + f", {args.seconds:.0f}s per round, median of {args.rounds} round(s) (the apps "
+        f"in turn), {args.connections} connections "
         f"({args.new_connections} for new identities), STS latency "
         f"{args.sts_latency_ms:.0f} ms, {args.identities} identities, load: {tool}, "
         f"cores: {os.cpu_count()}, load average after: {load[0]:.2f}"
     )
     print(
-        f"{'mix':18} {'app':18} {'req/s':>7} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>8} "
+        f"{'mix':18} {'app':18} {'req/s':>7} {'ratio':>6} {'rounds req/s':>13} "
+        f"{'p50 ms':>7} {'p99 ms':>8} "
         f"{'errors':>6} {'requests':>8} {'STS':>6} {'STS subj':>8} {'peak':>4}  worker RSS MB"
     )
     for mix in mixes:
@@ -576,7 +618,8 @@ def report(
             r = results[(mix, app.name)]
             rss = "/".join(f"{x:.0f}" for x in r.rss_mb)
             print(
-                f"{mix:18} {app.name:18} {r.rps:7.0f} {r.rps / bare:6.2f} {r.p50:7.2f} "
+                f"{mix:18} {app.name:18} {r.rps:7.0f} {r.rps / bare:6.2f} "
+                f"{f'{r.spread[0]:.0f}-{r.spread[1]:.0f}':>13} {r.p50:7.2f} "
                 f"{r.p99:8.2f} {r.errors:6.0f} {r.requests:8.0f} {r.sts_calls:6d} "
                 f"{r.sts_subjects:8d} {r.sts_peak:4d}  {rss}"
             )

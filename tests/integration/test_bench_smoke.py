@@ -17,6 +17,7 @@ pytestmark = pytest.mark.integration
 ROW = re.compile(
     r"^(?P<mix>one token|cached identities|fresh tokens|new identities)\s+"
     r"(?P<app>bare flask|broker replay on|broker replay off)\s+(?P<rps>\d+)\s+[\d.]+\s+"
+    r"\d+-\d+\s+"
     r"[\d.]+\s+[\d.]+\s+(?P<errors>\d+)\s+(?P<requests>\d+)\s+(?P<sts>\d+)\s+"
     r"(?P<subjects>\d+)\s+(?P<peak>\d+)\s+(?P<rss>[\d/]+)$",
     re.M,
@@ -35,6 +36,8 @@ def test_the_benchmark_runs_and_prints_its_figures(
             "0",
             "--warm-seconds",
             "0",
+            "--rounds",
+            "1",
             "--python-loadgen",
             "--loadgen-processes",
             "1",
