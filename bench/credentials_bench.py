@@ -21,7 +21,7 @@ then runs a mixed load on the broker and prints the workers' RSS over time. Usag
 
     python3 run.py bench [--seconds 10] [--worker-class gevent] [--soak-seconds 600]
 
-Uses ``wrk`` when it is installed (apt-get install wrk), else bench/loadgen.py. A
+Uses ``wrk`` (installed with apt-get when missing and root), else bench/loadgen.py. A
 benchmark, never a pass/fail test: the figures depend on the machine and its load.
 """
 
@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import loadgen, profile  # noqa: E402
 from bench.stand_ins import KID  # noqa: E402
+from broker.devstack.packages import apt_install  # noqa: E402
 from broker.devstack.processes import ManagedProcess, free_port  # noqa: E402
 from broker.devstack.redis_server import start_redis  # noqa: E402
 from broker.devstack.stack import dump_toml  # noqa: E402
@@ -390,8 +391,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--python-loadgen", action="store_true", help="ignore wrk even if installed"
     )
     args = parser.parse_args(argv)
-    if args.profile and not profile.available():
-        parser.error("--profile needs py-spy: .venv/bin/pip install py-spy")
+    if args.profile and not profile.available() and not profile.install():
+        parser.error("--profile needs py-spy, and pip could not install it")
     args.mix_list = [m.strip() for m in args.mixes.split(",") if m.strip()]
     unknown = set(args.mix_list) - set(MIXES)
     if unknown:
@@ -544,8 +545,19 @@ def run_mix(
     return figures
 
 
+def load_tool(args: argparse.Namespace) -> None:
+    """wrk, installed with apt-get when missing (root only); else bench/loadgen.py, which
+    spends more of the same two cores on making the load."""
+    if args.python_loadgen or shutil.which("wrk"):
+        return
+    reason = apt_install("wrk")
+    if reason is not None:
+        print(f"note: no wrk ({reason}); the load comes from bench/loadgen.py")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    load_tool(args)
     tmp = Path(tempfile.mkdtemp(prefix="broker-bench-"))
     servers: list[ManagedProcess] = []
     try:

@@ -1,12 +1,12 @@
 """Where a broker worker's time goes under one mix: py-spy samples, summed by function.
 
 ``python3 run.py bench --profile DIR`` runs ``py-spy record`` on every gunicorn worker of
-each broker row while the load runs (``pip install py-spy`` into the venv first; it is a
-measuring tool, not a dependency). It writes the raw collapsed stacks to DIR and prints,
-per row, the functions that hold the most samples: ``total`` counts a sample for every
-function on its stack (where the time is spent below), ``self`` only for the innermost
-one. Idle samples (a greenlet or thread waiting on a socket) are left out, so the shares
-are of the worker's busy time.
+each broker row while the load runs (py-spy is pip-installed into the venv on first use:
+a measuring tool, not a dependency of the broker). It writes the raw collapsed stacks
+to DIR and prints, per row, the functions that hold the most samples: ``total`` counts
+a sample for every function on its stack (where the time is spent below), ``self``
+only for the innermost one. Idle samples (a greenlet or thread waiting on a socket) are
+left out, so the shares are of the worker's busy time.
 """
 
 from __future__ import annotations
@@ -28,6 +28,13 @@ def _binary() -> str | None:
 
 def available() -> bool:
     return _binary() is not None
+
+
+def install() -> bool:
+    """pip-install py-spy into this venv; whether it is there now."""
+    argv = [sys.executable, "-m", "pip", "install", "--quiet", "py-spy"]
+    subprocess.run(argv, check=False, stdout=subprocess.DEVNULL)
+    return available()
 
 
 def start(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:

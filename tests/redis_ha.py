@@ -16,10 +16,7 @@ import datetime
 import functools
 import gc
 import ipaddress
-import os
-import shutil
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -36,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from broker.devstack.packages import apt_install
 from broker.devstack.processes import ManagedProcess, free_port
 from broker.devstack.redis_server import redis_binary
 from broker.settings import RedisSettings, redis_settings_from_mapping
@@ -49,7 +47,6 @@ SERVICE = "broker-ha"
 # short, so the failover test stays quick (production uses several seconds).
 DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 3000
-APT_TIMEOUT_SECONDS = 300
 DEBIAN_REDIS = Path("/usr/bin/redis-check-rdb")
 
 
@@ -122,7 +119,7 @@ def make_tls_files(directory: Path) -> TLSFiles:
 def tls_redis_binary(cache: Path) -> str:
     """A redis-server built with TLS: Debian's, installed with apt-get when missing."""
     if not DEBIAN_REDIS.exists():
-        reason = _apt_install("redis-tools")
+        reason = apt_install("redis-tools")
         if not DEBIAN_REDIS.exists():
             raise RuntimeError(f"the TLS tests need Debian's redis-tools: {reason}")
     cache.mkdir(parents=True, exist_ok=True)
@@ -130,24 +127,6 @@ def tls_redis_binary(cache: Path) -> str:
     if not server.exists():
         server.symlink_to(DEBIAN_REDIS)
     return str(server)
-
-
-def _apt_install(*packages: str) -> str | None:
-    if not shutil.which("apt-get"):
-        return "no apt-get on this system"
-    if os.geteuid() != 0:
-        return "installing it needs root (apt-get)"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (
-        ["apt-get", "update"],
-        ["apt-get", "install", "-y", "--no-install-recommends", *packages],
-    ):
-        done = subprocess.run(
-            argv, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT_SECONDS, check=False
-        )
-        if done.returncode != 0:
-            return f"`{' '.join(argv)}` exited {done.returncode}: {done.stderr.strip()[-500:]}"
-    return None
 
 
 # --------------------------------------------------------------------------- nodes

@@ -39,6 +39,7 @@ import pytest
 import requests
 
 from broker.devstack.oidc_server import DEMO_USERS
+from broker.devstack.packages import apt_install
 from broker.devstack.stack import ADMIN_ROLE
 from tests.conftest import LiveBroker
 
@@ -94,30 +95,7 @@ def _installed() -> tuple[str, str] | None:
 def _apt_install(*packages: str) -> str | None:
     """Install Debian packages (chromium + chromium-driver by default); the reason it
     failed, or None."""
-    packages = packages or ("chromium", "chromium-driver")
-    if not shutil.which("apt-get"):
-        return "no apt-get on this system to install Debian's chromium"
-    if os.geteuid() != 0:
-        return "chromium is not installed and installing it needs root (apt-get)"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (
-        ["apt-get", "update"],
-        ["apt-get", "install", "-y", "--no-install-recommends", *packages],
-    ):
-        try:
-            done = subprocess.run(
-                argv,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=APT_TIMEOUT_SECONDS,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"`{' '.join(argv)}` failed: {exc}"
-        if done.returncode != 0:
-            return f"`{' '.join(argv)}` exited {done.returncode}: {done.stderr.strip()[-500:]}"
-    return None
+    return apt_install(*(packages or ("chromium", "chromium-driver")), timeout=APT_TIMEOUT_SECONDS)
 
 
 def _ensure_selenium() -> None:
