@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import requests
 
-from broker.devstack.stack import DEV_PROVIDER
-from tests.conftest import LiveBroker
+from broker.devstack.processes import free_port
+from broker.devstack.stack import DEV_PROVIDER, Stack
+from tests.conftest import LiveBroker, make_settings, serve
 
 pytestmark = pytest.mark.integration
 
@@ -123,3 +124,30 @@ def test_content_types_are_judged_alike_either_way(
 
     assert fast.status_code == viewed.status_code == status
     assert _headers(fast) == _headers(viewed)
+
+
+@pytest.fixture
+def behind_proxy(stack: Stack) -> Iterator[LiveBroker]:
+    port = free_port()
+    settings = make_settings(stack, f"http://127.0.0.1:{port}", server={"trusted_proxies": 1})
+    yield from serve(settings, stack, port)
+
+
+@pytest.mark.parametrize("proto", ["https", "http"])
+def test_hsts_is_sent_alike_either_way_when_the_proxy_says_https(
+    behind_proxy: LiveBroker, proto: str
+) -> None:
+    body = _token_body(behind_proxy)
+    url = f"{behind_proxy.url}{CREDENTIALS}"
+    headers = {"Content-Type": "application/json", "X-Forwarded-Proto": proto}
+
+    def chunked() -> Iterator[bytes]:
+        yield body
+
+    fast = requests.post(url, data=body, headers=headers, timeout=30)
+    viewed = requests.post(url, data=chunked(), headers=headers, timeout=30)
+
+    assert fast.status_code == viewed.status_code == 200
+    assert _headers(fast) == _headers(viewed)
+    hsts = fast.headers.get("Strict-Transport-Security")
+    assert hsts == ("max-age=31536000" if proto == "https" else None)
