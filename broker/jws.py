@@ -150,12 +150,7 @@ def _json_object(raw: bytes, part: str) -> dict[str, Any]:
     try:
         # Strict UTF-8 first: json.loads(bytes) would guess UTF-16 or UTF-32 too.
         text = raw.decode("utf-8")
-        value = json.loads(
-            text,
-            object_pairs_hook=_unique_members,
-            parse_constant=_no_constant,
-            parse_float=_finite_float,
-        )
+        value = _DECODER.decode(text)
         if not isinstance(value, dict):
             raise _Refused("is not a JSON object")
         # The walk below can find something only if the text has a \u escape (the
@@ -195,6 +190,15 @@ def _finite_float(literal: str) -> float:
         # "1e999" is valid JSON syntax that Python reads as inf: no claim means that.
         raise _Refused("contains a number too large to represent")
     return value
+
+
+# Built once: json.loads with these options would build a decoder per call. Shared by
+# threads as json's own default decoder is (its C scanner holds the GIL throughout).
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_members,
+    parse_constant=_no_constant,
+    parse_float=_finite_float,
+)
 
 
 def _check_strings_and_depth(root: dict[str, Any]) -> None:
