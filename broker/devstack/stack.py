@@ -269,6 +269,9 @@ def run_dev(*, port: int, workdir: str) -> int:
             threading.Thread(target=server.shutdown, daemon=True).start()
 
         signal.signal(signal.SIGTERM, stop)
+        # Ctrl-C stops the stack even when it was started with SIGINT ignored (a shell
+        # starts background jobs that way, and children inherit it across exec).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         print(_banner(state), flush=True)
         try:
             server.serve_forever()
