@@ -44,19 +44,16 @@ def json_body(allowed: Mapping[str, type], required: tuple[str, ...]) -> dict[st
         # A chunked body has no Content-Length; werkzeug stops reading at the limit,
         # which would otherwise surface as "not JSON" instead of "too large".
         raise RequestEntityTooLarge()
-    try:
-        body = request.get_json(silent=True)
-    except RecursionError:
-        # json gives up on deep nesting with RecursionError, not ValueError.
-        raise BadRequest("the JSON body is nested too deeply") from None
-    return checked_body(body, allowed, required)
+    return checked_body(parse_body(request.get_data(cache=True)), allowed, required)
 
 
 def parse_body(raw: bytes) -> Any:
-    """A request body as JSON, as ``request.get_json`` reads it; None if it is not JSON."""
+    """A request body as JSON (UTF-8, -16 or -32, as ``request.get_json`` reads it);
+    None if it is not JSON. Both doors of ``POST /v1/credentials`` read it so."""
     try:
         return json.loads(raw)
     except RecursionError:
+        # json gives up on deep nesting with RecursionError, not ValueError.
         raise BadRequest("the JSON body is nested too deeply") from None
     except ValueError:  # not JSON, or not text in any encoding JSON allows
         return None

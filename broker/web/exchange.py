@@ -44,7 +44,7 @@ from broker import metrics
 from broker.errors import BrokerError
 from broker.services import Replay, Services
 from broker.web import api
-from broker.web.security_headers import NO_STORE, json_headers
+from broker.web.security_headers import NO_STORE, json_headers, public_https
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -63,12 +63,11 @@ class CredentialsExchange:
         self._app = app
         self._services = services
         self._max_body = services.settings.server.max_body_bytes
-        https = services.settings.server.public_url.startswith("https://")
         self._headers = {
             secure: (("Content-Type", "application/json"), *json_headers(secure=secure), *NO_STORE)
             for secure in (False, True)
         }
-        self._https = https
+        self._https = public_https(services.settings)
         # What jsonify passes to the app's JSON provider (flask.json.provider), so both
         # doors' bodies are byte for byte the same.
         compact = getattr(app.json, "compact", None)

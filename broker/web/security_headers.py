@@ -77,15 +77,18 @@ def add_missing(headers: Headers, defaults: Iterable[tuple[str, str]]) -> None:
     headers.extend([(name, value) for name, value in defaults if name.lower() not in present])
 
 
+# What no_store sets; the credentials exchange sends the same pair.
+NO_STORE = (("Cache-Control", "no-store"), ("Pragma", "no-cache"))
+
+
 def no_store(response: R, *, no_referrer: bool = False) -> R:
     """Forbid every cache (browser history, proxy, CDN) to keep a copy: for responses
     that carry credentials, sign-in URLs or one person's pages."""
     headers = response.headers
     present = {name.lower(): value for name, value in headers.items()}
-    if present.get("cache-control") != "no-store":
-        headers["Cache-Control"] = "no-store"
-    if present.get("pragma") != "no-cache":
-        headers["Pragma"] = "no-cache"
+    for name, value in NO_STORE:
+        if present.get(name.lower()) != value:
+            headers[name] = value
     if no_referrer and present.get("referrer-policy") != "no-referrer":
         headers["Referrer-Policy"] = "no-referrer"
     return response
@@ -103,14 +106,17 @@ _COMMON = (
 _HSTS = (("Strict-Transport-Security", "max-age=31536000"),)
 
 
+def public_https(settings: Settings) -> bool:
+    """Whether the broker's public URL is https: every answer then carries HSTS, as does
+    any answer to a request that came over TLS."""
+    return settings.server.public_url.startswith("https://")
+
+
 def json_headers(*, secure: bool) -> tuple[tuple[str, str], ...]:
     """What every non-HTML response carries (HSTS too when ``secure``: the public URL
     is https or the request came over TLS). The credentials exchange
     (``broker.web.exchange``) sends exactly these, and the no-store pair."""
     return (("Content-Security-Policy", NON_HTML_POLICY), *_COMMON, *(_HSTS if secure else ()))
-
-
-NO_STORE = (("Cache-Control", "no-store"), ("Pragma", "no-cache"))
 
 
 def install(app: Flask) -> None:
@@ -120,7 +126,7 @@ def install(app: Flask) -> None:
     services: Services = app.extensions[EXTENSION_KEY]
     settings = services.settings
     html_policy = content_security_policy(settings)
-    https = settings.server.public_url.startswith("https://")
+    https = public_https(settings)
 
     html_headers = (("Content-Security-Policy", html_policy), *_COMMON)
     other_headers = json_headers(secure=False)

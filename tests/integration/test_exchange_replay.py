@@ -1,4 +1,4 @@
-"""Per-worker replay of identical POST /v1/credentials requests (broker.web.replay),
+"""Per-worker replay of identical POST /v1/credentials requests (broker.web.exchange),
 against a live broker on the real dev stack."""
 
 from __future__ import annotations
