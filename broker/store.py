@@ -102,14 +102,28 @@ class Sealer:
         return None
 
 
+# Lua pieces the scripts below share, each defined once.
 # SADD, then PEXPIRE only upwards. Works on Redis 6.2 (no PEXPIRE GT/NX there).
-_INDEX_ADD = """
-redis.call('SADD', KEYS[1], ARGV[1])
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+_LUA_INDEX_ADD = """
+local function index_add(index, member, ttl_ms)
+  redis.call('SADD', index, member)
+  if redis.call('PTTL', index) < tonumber(ttl_ms) then
+    redis.call('PEXPIRE', index, ttl_ms)
+  end
 end
-return 1
 """
+# Release a lock only while it still holds our token (it may have expired and been
+# taken over: the new holder's lock is not ours to drop).
+_LUA_UNLOCK = """
+local function unlock(lock, token)
+  if redis.call('GET', lock) == token then
+    return redis.call('DEL', lock)
+  end
+  return 0
+end
+"""
+
+_INDEX_ADD = _LUA_INDEX_ADD + "index_add(KEYS[1], ARGV[1], ARGV[2])\nreturn 1\n"
 
 # Every member key, then the index, in one step: a credential cached while a sign-out
 # runs is either dropped with the rest or indexed afterwards, never left unindexed.
@@ -138,29 +152,22 @@ end
 return 0
 """
 
-# A singleflight's last step, in one round trip: index KEYS[1] in KEYS[2] as _INDEX_ADD
-# does (the index's TTL stretched, never shortened), store the sealed ARGV[1] at KEYS[1]
-# for ARGV[2] ms, and release the lock KEYS[3] if it still holds our token ARGV[3] (it
-# may have expired and been taken over: the new holder's lock is not ours to drop).
-_STORE_AND_UNLOCK = """
-redis.call('SADD', KEYS[2], KEYS[1])
-if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-end
+# A singleflight's last step, in one round trip: index KEYS[1] in KEYS[2] (the index's
+# TTL stretched, never shortened), store the sealed ARGV[1] at KEYS[1] for ARGV[2] ms,
+# and release the lock KEYS[3] if it still holds our token ARGV[3].
+_STORE_AND_UNLOCK = (
+    _LUA_INDEX_ADD
+    + _LUA_UNLOCK
+    + """
+index_add(KEYS[2], KEYS[1], ARGV[2])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if redis.call('GET', KEYS[3]) == ARGV[3] then
-  redis.call('DEL', KEYS[3])
-end
+unlock(KEYS[3], ARGV[3])
 return 1
 """
+)
 
 # Release the lock KEYS[1] if it still holds our token ARGV[1].
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
+_UNLOCK = _LUA_UNLOCK + "return unlock(KEYS[1], ARGV[1])\n"
 
 # A token bucket in one hash: n = tokens left (fractional), t = when n was computed, in
 # ms by the Redis server's clock (TIME), so every broker process and node counts alike.
