@@ -1,23 +1,31 @@
-"""requirements.lock stays in step with pyproject.toml and installs.
+"""requirements.lock and requirements-dev.lock stay in step with pyproject.toml and install.
 
 The production install is ``pip install --require-hashes -r requirements.lock`` and
-then the broker itself with ``--no-deps``. These tests hold what that needs:
+then the broker itself with ``--no-deps``; ``run.py`` builds the suite's virtualenv
+the same way from requirements-dev.lock. These tests hold what that needs:
 
-* every runtime dependency in pyproject.toml is pinned (``==``) in the lock at a
-  version its specifier allows, with sha256 hashes;
-* the lock holds exactly the runtime dependency closure (the pins of the packages the
-  runtime dependencies need, their extras included, and nothing from the dev extras),
-  so pip in hash-checking mode finds every package it must install pinned and hashed;
-* the virtualenv the tests run in has exactly the locked versions (``run.py`` installs
-  it constrained to the lock), so the suite tests what production runs;
-* pip itself accepts the lock: a ``--dry-run --require-hashes`` install resolves to
+* every dependency in pyproject.toml (runtime in both locks, dev extras and the build
+  backend in the dev lock) is pinned (``==``) at a version its specifier allows, with
+  sha256 hashes;
+* each lock holds exactly its closure (the pins of the packages its roots need, their
+  extras included): the runtime lock nothing from the dev extras, the dev lock nothing
+  stale, so pip in hash-checking mode finds every package it must install pinned and
+  hashed;
+* the dev lock pins every runtime package at the runtime lock's version and hashes, so
+  the suite tests what production runs;
+* every third-party module that broker/, bench/ and tests/ import comes from a locked
+  distribution: nothing the suite needs floats or is installed by hand;
+* the virtualenv the tests run in has exactly the dev lock's versions;
+* pip itself accepts each lock: a ``--dry-run --require-hashes`` install resolves to
   exactly the pinned versions (integration: it asks the package index).
 
-Regenerate the lock after changing the runtime dependencies (README, "Dependencies").
+Recompile both with ``python3 run.py lock`` after changing the dependencies (README,
+"Dependencies").
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import json
 import re
@@ -34,6 +42,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCK = ROOT / "requirements.lock"
+DEV_LOCK = ROOT / "requirements-dev.lock"
 PYPROJECT = ROOT / "pyproject.toml"
 
 _HASH = re.compile(r"--hash=sha256:([0-9a-f]{64})\Z")
@@ -73,9 +82,25 @@ def parse_lock(text: str) -> dict[NormalizedName, Pin]:
     return pins
 
 
+def _pyproject() -> dict[str, object]:
+    return tomllib.loads(PYPROJECT.read_text())
+
+
 def runtime_requirements() -> list[Requirement]:
-    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    project = _pyproject()["project"]
+    assert isinstance(project, dict)
     return [Requirement(text) for text in project["dependencies"]]
+
+
+def dev_requirements() -> list[Requirement]:
+    """What the dev lock must hold beyond the runtime: the dev extras and the build
+    backend (run.py builds the editable install without isolation, from the lock)."""
+    document = _pyproject()
+    project, build = document["project"], document["build-system"]
+    assert isinstance(project, dict)
+    assert isinstance(build, dict)
+    texts = [*project["optional-dependencies"]["dev"], *build["requires"]]
+    return [Requirement(text) for text in texts]
 
 
 def closure(roots: list[Requirement]) -> dict[NormalizedName, set[str]]:
@@ -101,9 +126,32 @@ def closure(roots: list[Requirement]) -> dict[NormalizedName, set[str]]:
     return needed
 
 
+# pip-compile --allow-unsafe pins pip too (pip-tools needs it); the venv's pip is
+# installed from the dev lock like everything else.
+_ALWAYS_IN_DEV_LOCK = frozenset({canonicalize_name("pip")})
+
+
 @pytest.fixture(scope="module")
 def pins() -> dict[NormalizedName, Pin]:
     return parse_lock(LOCK.read_text())
+
+
+@pytest.fixture(scope="module")
+def dev_pins() -> dict[NormalizedName, Pin]:
+    return parse_lock(DEV_LOCK.read_text())
+
+
+def _outside_specifiers(
+    requirements: list[Requirement], pins: dict[NormalizedName, Pin]
+) -> list[str]:
+    problems = []
+    for requirement in requirements:
+        pin = pins.get(canonicalize_name(requirement.name))
+        if pin is None:
+            problems.append(f"{requirement.name} is not locked")
+        elif not requirement.specifier.contains(pin.version, prereleases=True):
+            problems.append(f"{pin.name}=={pin.version} is outside {requirement}")
+    return problems
 
 
 def test_every_runtime_dependency_is_pinned_within_its_specifier_with_hashes(
@@ -111,16 +159,20 @@ def test_every_runtime_dependency_is_pinned_within_its_specifier_with_hashes(
 ) -> None:
     requirements = runtime_requirements()
     assert requirements, "pyproject.toml lists no runtime dependencies"
-    for requirement in requirements:
-        pin = pins.get(canonicalize_name(requirement.name))
-        assert pin is not None, f"{requirement.name} is not in requirements.lock"
-        assert requirement.specifier.contains(pin.version, prereleases=True), (
-            f"requirements.lock pins {pin.name}=={pin.version}, outside {requirement}"
-        )
-        assert pin.hashes, f"{pin.name} has no hash"
+    assert _outside_specifiers(requirements, pins) == []
 
 
-def test_every_pin_has_hashes(pins: dict[NormalizedName, Pin]) -> None:
+def test_every_dev_dependency_and_the_build_backend_are_pinned_within_their_specifiers(
+    dev_pins: dict[NormalizedName, Pin],
+) -> None:
+    requirements = dev_requirements()
+    assert len(requirements) > 10, "pyproject.toml lists no dev extras"
+    assert _outside_specifiers([*runtime_requirements(), *requirements], dev_pins) == []
+
+
+@pytest.mark.parametrize("path", [LOCK, DEV_LOCK], ids=lambda p: p.name)
+def test_every_pin_has_hashes(path: Path) -> None:
+    pins = parse_lock(path.read_text())
     assert pins
     assert [name for name, pin in pins.items() if not pin.hashes] == []
 
@@ -133,11 +185,64 @@ def test_the_lock_is_exactly_the_runtime_closure(pins: dict[NormalizedName, Pin]
     assert extra == [], f"locked but not needed at run time (dev-only or stale): {extra}"
 
 
-def test_the_venv_runs_the_locked_versions(pins: dict[NormalizedName, Pin]) -> None:
-    installed = {name: Version(importlib.metadata.version(name)) for name in pins}
+def test_the_dev_lock_is_exactly_the_closure_of_everything_the_suite_installs(
+    dev_pins: dict[NormalizedName, Pin],
+) -> None:
+    needed = set(closure([*runtime_requirements(), *dev_requirements()]))
+    needed |= _ALWAYS_IN_DEV_LOCK
+    missing = sorted(needed - set(dev_pins))
+    extra = sorted(set(dev_pins) - needed)
+    assert missing == [], f"installed by the suite but not locked: {missing}"
+    assert extra == [], f"locked but needed by nothing (stale): {extra}"
+
+
+def test_the_dev_lock_pins_every_runtime_package_as_production_does(
+    pins: dict[NormalizedName, Pin], dev_pins: dict[NormalizedName, Pin]
+) -> None:
+    differ = {
+        name: f"runtime {pin.version}, dev {dev_pins[name].version if name in dev_pins else '-'}"
+        for name, pin in pins.items()
+        if name not in dev_pins
+        or (dev_pins[name].version, set(dev_pins[name].hashes)) != (pin.version, set(pin.hashes))
+    }
+    assert differ == {}, "recompile both with `python3 run.py lock`"
+
+
+def _imported_top_level_modules() -> set[str]:
+    modules: set[str] = set()
+    for folder in ("broker", "bench", "tests"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    modules.update(alias.name.split(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    modules.add(node.module.split(".")[0])
+    ours = {"broker", "bench", "tests", "__future__"}
+    # _typeshed exists only for type checkers (imported under TYPE_CHECKING; mypy,
+    # which is locked, ships it).
+    return modules - set(sys.stdlib_module_names) - ours - {"_typeshed"}
+
+
+def test_every_module_the_code_and_the_suite_import_comes_from_a_locked_distribution(
+    dev_pins: dict[NormalizedName, Pin],
+) -> None:
+    modules = _imported_top_level_modules()
+    # A guard against a walk that finds nothing: these are imported for certain.
+    assert {"flask", "jwt", "redis", "pytest", "hypothesis"} <= modules
+    providers = importlib.metadata.packages_distributions()
+    unlocked = {
+        module: providers.get(module, ["(no installed distribution)"])
+        for module in sorted(modules)
+        if not any(canonicalize_name(d) in dev_pins for d in providers.get(module, []))
+    }
+    assert unlocked == {}, "add the distribution to pyproject.toml, then `run.py lock`"
+
+
+def test_the_venv_runs_the_locked_versions(dev_pins: dict[NormalizedName, Pin]) -> None:
+    installed = {name: Version(importlib.metadata.version(name)) for name in dev_pins}
     differ = {
         name: f"installed {installed[name]}, locked {pin.version}"
-        for name, pin in pins.items()
+        for name, pin in dev_pins.items()
         if installed[name] != pin.version
     }
     assert differ == {}, "rerun `python3 run.py check` to reinstall from the lock"
@@ -160,9 +265,9 @@ def test_the_lock_parser_refuses_what_pip_hash_mode_would(text: str, problem: st
 
 
 @pytest.mark.integration
-def test_pip_installs_the_lock_in_hash_checking_mode(
-    pins: dict[NormalizedName, Pin], tmp_path: Path
-) -> None:
+@pytest.mark.parametrize("path", [LOCK, DEV_LOCK], ids=lambda p: p.name)
+def test_pip_installs_the_lock_in_hash_checking_mode(path: Path, tmp_path: Path) -> None:
+    pins = parse_lock(path.read_text())
     report = tmp_path / "report.json"
     result = subprocess.run(
         [
@@ -177,7 +282,7 @@ def test_pip_installs_the_lock_in_hash_checking_mode(
             "--report",
             str(report),
             "-r",
-            str(LOCK),
+            str(path),
         ],
         capture_output=True,
         text=True,
