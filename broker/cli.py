@@ -491,8 +491,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 1
     try:
         if args.keys_command == "rotate":
-            key = issuer.rotate(publish_ahead_seconds=args.publish_ahead)
+            key = issuer.rotate(publish_ahead_seconds=args.publish_ahead, at_once=args.now)
             print(f"next key {key.kid} ({key.alg}) published; signs from {when(key.activates_at)}")
+            if args.now:
+                print(
+                    "keys: the new key signs now; a verifier holding a cached JWKS may refuse "
+                    f"its tokens for up to {issuer.min_publish_ahead()} s",
+                    file=sys.stderr,
+                )
             return 0
         states = issuer.states()
     except BrokerError as exc:
@@ -542,7 +548,19 @@ def _add_issuer_commands(sub: Any) -> None:
         "--publish-ahead",
         type=float,
         default=None,
-        help="seconds before the new key signs (default: issuer.publish_ahead_seconds)",
+        help=(
+            "seconds before the new key signs (default: issuer.publish_ahead_seconds); "
+            "at least as long as verifiers may cache the JWKS (the smaller of 300 and "
+            "issuer.publish_ahead_seconds)"
+        ),
+    )
+    k.add_argument(
+        "--now",
+        action="store_true",
+        help=(
+            "for a leaked key: the new key signs at once (verifiers holding a cached JWKS "
+            "may refuse its tokens until their copy expires)"
+        ),
     )
     k.set_defaults(fn=cmd_keys)
 

@@ -22,6 +22,33 @@ hold each one):
   keeps the old key published until no token it signed can still be valid (its last
   token's lifetime plus the verifier's leeway); then it is dropped.
 * Nothing here logs a token or a private key; a Redis fault is ``StoreUnavailable`` (503).
+
+The key ring is a state machine. Its states, read from the ring at a moment ``now``:
+
+* **empty**: no ring in Redis (a new deploy, Redis flushed or restarted without its
+  data, the ring's TTL passed): the first request makes a key that signs at once.
+* **no signer**: keys, but none that may sign now (only a next key). The earliest next
+  key is brought forward to sign at once (it has been published the longest).
+* **current**: one key signs; after ``rotate_after_seconds`` the next request rotates.
+* **current + next**: the next key is published and signs from its ``activates_at``;
+  the current key then retires.
+* **current + retiring**: a retired key stays published until ``retired_at`` plus the
+  token lifetime plus ``VERIFIER_LEEWAY_SECONDS``; after that it is dropped.
+* **unreadable**: a ring is in Redis but this node's ``security.encryption_keys`` cannot
+  open it (or it is not a ring). Requests are 503 ``dependency_unavailable``; the ring
+  is never overwritten by a request, since the nodes that can open it may still sign
+  with it. ``broker keys rotate --now`` replaces it when no node can.
+
+Transitions happen under one Redis lock, so two nodes rotating at once make one key.
+The invariants (tests/unit/test_issuer_states.py holds them with a stateful test):
+
+1. There is always a key that may sign now, or the answer is a 503 with Retry-After.
+2. The JWKS ``max-age`` (``cache_seconds``) never exceeds the time until the next key
+   starts signing, and no rotation makes a key sign sooner than the longest
+   ``max-age`` already served (``min_publish_ahead``): a verifier holding a cached key
+   set always knows the signing key. The one exception is a lost ring.
+3. A key that has signed stays published until its last token has expired, plus the
+   leeway.
 """
 
 from __future__ import annotations
@@ -32,7 +59,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jwt
@@ -40,7 +67,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from broker.errors import ConfigurationError, DependencyUnavailable
+from broker.errors import BadRequest, ConfigurationError, DependencyUnavailable
 from broker.identity import Identity
 from broker.settings import DEFAULT_LEEWAY_SECONDS, Settings
 from broker.store import Store
@@ -61,6 +88,9 @@ _RING_TTL_FACTOR = 3
 _LOCK_TIMEOUT_SECONDS = 10.0
 _LOCK_WAIT_SECONDS = 5.0
 _RSA_BITS = 2048
+# Verifiers may keep the discovery document and the JWKS at most this long (and less
+# when the next key signs sooner).
+MAX_CACHE_SECONDS = 300
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +119,15 @@ class KeyState:
     retired_at: float | None
     unpublish_at: float | None
     source: str
+
+
+class KeyRingUnreadable(DependencyUnavailable):
+    """A ring is in Redis but this node cannot open it: its store.encryption_keys differ
+    from the nodes' that wrote it. Never overwritten (those nodes still sign with it)."""
+
+    default_message = (
+        "the broker's signing keys in Redis cannot be opened with this node's store.encryption_keys"
+    )
 
 
 class Issuer:
@@ -180,11 +219,28 @@ class Issuer:
 
     def signing_key(self) -> SigningKey:
         ring = self._ring()
-        now = self._clock()  # after _ring(), which may have made a key just now
-        active = [k for k in ring if k.activates_at <= now]
-        if not active:
-            raise ConfigurationError("the broker has no signing key for its tokens yet")
-        return max(active, key=lambda k: (k.activates_at, k.created))
+        key = _signer(ring, self._clock())  # after _ring(), which may have made it just now
+        if key is None:
+            # _ring() makes a signer whenever there is none; only a ring changed by a
+            # broker of another version between the two reads lands here.
+            raise DependencyUnavailable("the broker's signing keys are being changed")
+        return key
+
+    def cache_seconds(self) -> int:
+        """How long a verifier may keep the JWKS and discovery document: never past the
+        moment the next key starts signing (invariant 2)."""
+        ring = self._ring()
+        now = self._clock()
+        seconds = float(self.min_publish_ahead())
+        for key in ring:
+            if key.activates_at > now:
+                seconds = min(seconds, key.activates_at - now)
+        return max(0, int(seconds))
+
+    def min_publish_ahead(self) -> int:
+        """The longest max-age this issuer serves: a rotation that makes a key sign
+        sooner could meet a verifier whose cached key set does not have it yet."""
+        return int(min(MAX_CACHE_SECONDS, self._settings.publish_ahead_seconds))
 
     def published(self) -> list[SigningKey]:
         ring = self._ring()
@@ -215,11 +271,17 @@ class Issuer:
             )
         return out
 
-    def rotate(self, *, publish_ahead_seconds: float | None = None) -> SigningKey:
+    def rotate(
+        self, *, publish_ahead_seconds: float | None = None, at_once: bool = False
+    ) -> SigningKey:
         """Make the next key: published now, signing after ``publish_ahead_seconds``
-        (default ``issuer.publish_ahead_seconds``); the current key retires then."""
+        (default ``issuer.publish_ahead_seconds``); the current key retires then.
+
+        ``at_once`` is for a leaked key: the new key signs now, and a verifier holding a
+        cached JWKS may refuse its tokens for up to ``min_publish_ahead()`` seconds (the
+        one knowing exception to invariant 2). The old key stays published as usual."""
         if self._file_keys:
-            raise ConfigurationError(
+            raise BadRequest(
                 "the issuer's keys come from issuer.key_files: rotate them there (put the "
                 "new key first, keep the old one listed until its tokens have expired)"
             )
@@ -229,7 +291,27 @@ class Issuer:
             else publish_ahead_seconds
         )
         with self._locked():
-            return self._rotate_locked(self._load(), ahead)
+            try:
+                ring = self._load()
+            except KeyRingUnreadable:
+                if not at_once:
+                    raise
+                # The operator's explicit word that no node can open the ring: start
+                # a new one (tokens the lost keys signed stop verifying).
+                ring = []
+            if _signer(ring, self._clock()) is None:
+                # Nothing signs yet, so no verifier can have cached a key set that
+                # misses the new key's predecessor: it signs at once (invariant 1).
+                return self._make_signer(ring)
+            if at_once:
+                ahead = 0.0
+            elif ahead < self.min_publish_ahead():
+                raise BadRequest(
+                    f"--publish-ahead {ahead:g} is shorter than the {self.min_publish_ahead()} s "
+                    "verifiers may cache the JWKS: the new key could sign before they "
+                    f"know it (use at least {self.min_publish_ahead()}, or --now for a leaked key)"
+                )
+            return self._rotate_locked(ring, ahead)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -247,24 +329,47 @@ class Issuer:
             # before the operator reordered the files still verify.
             return [first, *(_retired(k, at=0.0) for k in rest)]
         ring = self._load()
-        if self._needs_rotation(ring):
+        if not self._needs_change(ring):
+            return ring
+        try:
             with self._locked():
                 ring = self._load()  # another process may have done it meanwhile
-                if not ring:
-                    ring = self._save([self._generate(activates_at=self._clock())])
-                elif self._needs_rotation(ring):
+                if _signer(ring, self._clock()) is None:
+                    self._make_signer(ring)
+                elif self._needs_change(ring):
                     self._rotate_locked(ring, self._settings.publish_ahead_seconds)
-                    ring = self._load()
-        return ring
+                return self._load()
+        except KeyRingUnreadable:
+            raise
+        except DependencyUnavailable:
+            # The lock is busy or Redis failed while rotating: a due rotation can wait
+            # for the next request as long as a key may sign now.
+            if _signer(ring, self._clock()) is None:
+                raise
+            return ring
 
-    def _needs_rotation(self, ring: list[SigningKey]) -> bool:
-        if not ring:
-            return True
+    def _needs_change(self, ring: list[SigningKey]) -> bool:
         now = self._clock()
+        if _signer(ring, now) is None:
+            return True  # empty, or no signer: make one at once
         if any(k.activates_at > now for k in ring):
             return False  # the next key is already published
         newest = max(ring, key=lambda k: k.activates_at)
         return newest.activates_at + self._settings.rotate_after_seconds <= now
+
+    def _make_signer(self, ring: list[SigningKey]) -> SigningKey:
+        """A key that signs from now: the earliest next key brought forward, else new."""
+        now = self._clock()
+        kept = [k for k in ring if (until := self._unpublish_at(k)) is None or now < until]
+        waiting = sorted((k for k in kept if k.activates_at > now), key=lambda k: k.activates_at)
+        if waiting:
+            first = replace(waiting[0], activates_at=now)
+            kept = [first if k.kid == first.kid else k for k in kept]
+        else:
+            first = self._generate(activates_at=now)
+            kept.append(first)
+        self._save(kept)
+        return first
 
     def _rotate_locked(self, ring: list[SigningKey], ahead: float) -> SigningKey:
         now = self._clock()
@@ -298,28 +403,32 @@ class Issuer:
 
     def _load(self) -> list[SigningKey]:
         doc = self._store.get_sealed(self._ring_key)
-        if not isinstance(doc, Mapping) or not isinstance(doc.get("keys"), list):
+        if doc is None:
+            if self._store.exists(self._ring_key):
+                raise KeyRingUnreadable()
             return []
-        out = []
-        for entry in doc["keys"]:
-            kid = entry["kid"]
-            private = self._parsed.get(kid)
-            if private is None:
-                loaded = serialization.load_pem_private_key(entry["pem"].encode(), password=None)
-                if not isinstance(loaded, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-                    continue
-                private = self._parsed[kid] = loaded
-            out.append(
-                SigningKey(
-                    kid=kid,
-                    alg=entry["alg"],
-                    private=private,
-                    created=float(entry["created"]),
-                    activates_at=float(entry["activates_at"]),
-                    retired_at=None if entry["retired_at"] is None else float(entry["retired_at"]),
-                )
-            )
-        return out
+        try:
+            return [self._entry(entry) for entry in doc["keys"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise KeyRingUnreadable() from exc
+
+    def _entry(self, entry: Mapping[str, Any]) -> SigningKey:
+        kid = str(entry["kid"])
+        private = self._parsed.get(kid)
+        if private is None:
+            loaded = serialization.load_pem_private_key(entry["pem"].encode(), password=None)
+            if not isinstance(loaded, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+                raise ValueError("not an RSA or P-256 key")
+            private = self._parsed[kid] = loaded
+        retired = entry["retired_at"]
+        return SigningKey(
+            kid=kid,
+            alg=str(entry["alg"]),
+            private=private,
+            created=float(entry["created"]),
+            activates_at=float(entry["activates_at"]),
+            retired_at=None if retired is None else float(retired),
+        )
 
     def _save(self, ring: list[SigningKey]) -> list[SigningKey]:
         doc = {
@@ -355,6 +464,14 @@ class _RingLock:
 
     def __exit__(self, *exc: object) -> None:
         self._cm.__exit__(None, None, None)
+
+
+def _signer(ring: list[SigningKey], now: float) -> SigningKey | None:
+    """The key that signs at ``now``: the latest activated one not yet retired."""
+    active = [
+        k for k in ring if k.activates_at <= now and (k.retired_at is None or now < k.retired_at)
+    ]
+    return max(active, key=lambda k: (k.activates_at, k.created), default=None)
 
 
 def _retired(key: SigningKey, *, at: float) -> SigningKey:

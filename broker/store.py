@@ -564,6 +564,10 @@ class Store:
     # -- misc --------------------------------------------------------------------------
 
     @_guarded
+    def exists(self, key: str) -> bool:
+        return bool(self.client.exists(key))
+
+    @_guarded
     def delete(self, *keys: str) -> int:
         return int(self.client.delete(*keys)) if keys else 0
 

@@ -3,8 +3,8 @@
 Served only when some rule sends STS the broker's token (``sts_token = "broker"``) or
 guests are on:
 otherwise the broker is no issuer, and these paths are 404 like any unknown one. The
-JWKS may be cached by verifiers for less time than a new key is published before it
-signs (``issuer.publish_ahead_seconds``), so a cached copy always knows the signing key.
+JWKS may be cached by verifiers for no longer than the time until the next key signs
+(``Issuer.cache_seconds``), so a cached copy always knows the signing key.
 """
 
 from __future__ import annotations
@@ -18,10 +18,6 @@ from broker.services import current_services
 
 blueprint = Blueprint("issuer", __name__)
 
-# Verifiers may keep the documents at most this long (and less when keys are
-# published less far ahead of use).
-MAX_CACHE_SECONDS = 300
-
 
 def _issuer() -> tuple[Issuer, int]:
     """The issuer and how long verifiers may cache what it publishes; 404 when off."""
@@ -29,7 +25,7 @@ def _issuer() -> tuple[Issuer, int]:
     issuer = services.issuer
     if issuer is None or not issuer_in_use(services.settings):
         raise NotFound("not found")
-    return issuer, min(MAX_CACHE_SECONDS, services.settings.issuer.publish_ahead_seconds)
+    return issuer, issuer.cache_seconds()
 
 
 def _cacheable(response: Response, seconds: int) -> Response:

@@ -242,9 +242,17 @@ def test_rotation_across_two_brokers_sharing_redis(
     assert listed.returncode == 0, listed.stderr
     assert [(k["kid"], k["state"]) for k in json.loads(listed.stdout)] == [(old_kid, "current")]
 
-    rotated = broker_cli("keys", "rotate", "--config", str(config), "--publish-ahead", "0")
+    # Sooner than verifiers may cache the JWKS (300 s here): refused, nothing changes.
+    refused = broker_cli("keys", "rotate", "--config", str(config), "--publish-ahead", "0")
+    assert refused.returncode == 1
+    assert "shorter than the 300 s verifiers may cache the JWKS" in refused.stderr
+    listed = broker_cli("keys", "list", "--config", str(config), "--json")
+    assert [k["kid"] for k in json.loads(listed.stdout)] == [old_kid]
+
+    rotated = broker_cli("keys", "rotate", "--config", str(config), "--now")
     assert rotated.returncode == 0, rotated.stderr
     assert old_kid not in rotated.stdout
+    assert "may refuse its tokens for up to 300 s" in rotated.stderr
 
     with aws.recording() as recording:
         # Another duration: a new cache entry, so a new STS call, on the other broker.

@@ -15,7 +15,7 @@ from joserfc.errors import BadSignatureError, ExpiredTokenError, InvalidKeyIdErr
 from joserfc.jwk import KeySet
 
 from broker import rules
-from broker.errors import ConfigurationError
+from broker.errors import BadRequest
 from broker.issuer import (
     SOURCE_IDENTITY_CLAIM,
     TAGS_CLAIM,
@@ -193,6 +193,6 @@ def test_file_keys_first_signs_all_published(
     assert len(issuer.jwks()["keys"]) == 2
     clock.advance(86400 * 365)
     assert len(issuer.jwks()["keys"]) == 2  # listed files stay published
-    with pytest.raises(ConfigurationError, match="key_files"):
+    with pytest.raises(BadRequest, match="key_files"):
         issuer.rotate()
     assert store.client.get(store.key("issuer", "keys")) is None  # nothing in Redis
