@@ -160,7 +160,7 @@ REDIS_ERRORS = Counter(
 REDIS_REFUSALS = Counter(
     "broker_redis_refusals_total",
     "Redis operations refused without asking Redis, because it failed moments ago "
-    "(the store's fail-fast window, or an earlier failure in the same request), by "
+    "(the store's breaker is open, or an earlier call of the same request failed), by "
     "operation.",
     ["operation"],
     registry=REGISTRY,

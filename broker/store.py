@@ -11,9 +11,11 @@ release included, goes through one guard, so
 * a request waits on a dead or frozen Redis for at most one socket timeout
   (``redis.socket_timeout_seconds``) in total: redis-py is built without retries or
   health-check PINGs (each would be a second wait), once one call of a request has
-  failed the rest of that request fails at once, and for ``FAIL_FAST_SECONDS`` after a
-  fault every call in the process fails at once; then one call probes Redis while the
-  others keep failing fast;
+  failed the rest of that request fails at once, and after a fault the process is a
+  half-open breaker: every call fails at once except one probe at a time, admitted
+  ``PROBE_INTERVAL_SECONDS`` after the last one ended; the first probe Redis answers
+  closes the breaker, so once Redis is back no request is refused for longer than one
+  probe interval (tests/unit/test_redis_guard_states.py holds it with a stateful test);
 * with Sentinel, each new connection asks the sentinels for the master, so a promoted
   replica is followed without a restart; with Cluster, keys one script or transaction
   touches together share a hash slot (``Store.key``'s tag), and a Cluster that cannot be
@@ -56,9 +58,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 # After a connection fault or timeout, every Redis call in this process fails at once
-# for this long: a dead or frozen Redis then costs one request one socket timeout, not
-# every request one each, and no worker thread queues behind it.
-FAIL_FAST_SECONDS = 1.0
+# but one probe at a time, this long after the previous probe ended: a dead or frozen
+# Redis then costs one request one socket timeout, not every request one each, no
+# worker thread queues behind it, and recovery follows Redis within this interval.
+PROBE_INTERVAL_SECONDS = 0.25
 # While Redis stays unavailable, the failures are summed up in one warning this often.
 OUTAGE_SUMMARY_SECONDS = 5.0
 # Faults that say Redis cannot serve us at all right now (down, frozen, failing over),
@@ -247,15 +250,15 @@ class RedisGuard:
     def __init__(
         self,
         *,
-        fail_fast_seconds: float = FAIL_FAST_SECONDS,
+        probe_interval_seconds: float = PROBE_INTERVAL_SECONDS,
         summary_seconds: float = OUTAGE_SUMMARY_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._fail_fast_seconds = fail_fast_seconds
+        self._probe_interval_seconds = probe_interval_seconds
         self._summary_seconds = summary_seconds
         self._clock = clock
         self._lock = threading.Lock()
-        self._open_until = float("-inf")  # calls before this fail at once
+        self._open_until = float("-inf")  # no probe before this while an outage lasts
         self._probing = False  # one call is finding out whether Redis is back
         self._outage: _Outage | None = None
 
@@ -311,7 +314,9 @@ class RedisGuard:
             if probe:
                 self._probing = False
             if fault is not None:
-                self._open_until = self._clock() + self._fail_fast_seconds
+                # Measured from the end of the failed call: a probe that waited out a
+                # socket timeout is not followed at once by another.
+                self._open_until = self._clock() + self._probe_interval_seconds
                 self._count_failure(fault)
             elif probe and self._outage is not None:
                 # Only the probe ends an outage: a call admitted before the outage began

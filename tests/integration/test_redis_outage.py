@@ -62,7 +62,7 @@ class Broker:
         return self.live.url
 
     def wait_ready(self) -> None:
-        """Redis answers and the broker knows it (its fail-fast window has passed)."""
+        """Redis answers and the broker knows it (a probe closed its breaker)."""
         deadline = time.monotonic() + 15
         while requests.get(f"{self.url}/readyz", timeout=10).status_code != 200:
             assert time.monotonic() < deadline, "the broker never saw Redis come back"

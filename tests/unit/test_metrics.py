@@ -208,7 +208,7 @@ def test_calls_refused_while_redis_is_failing_fast_are_counted_apart(operation: 
         client=client,
         prefix="x:",
         sealer=Sealer([b"k" * 32]),
-        guard=RedisGuard(fail_fast_seconds=60),
+        guard=RedisGuard(probe_interval_seconds=60),
     )
 
     def call() -> None:

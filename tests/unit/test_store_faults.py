@@ -26,7 +26,7 @@ from broker.errors import StoreUnavailable
 from broker.identity import Identity, IdentityIds, VerifiedClaims, VerifiedToken
 from broker.rules import Grant
 from broker.settings import CacheSettings, RedisSettings
-from broker.store import RedisGuard, Sealer, Store, connect, request_scope
+from broker.store import PROBE_INTERVAL_SECONDS, RedisGuard, Sealer, Store, connect, request_scope
 from broker.sts import AssumeRequest, IssuedCredentials
 from tests.redis_faults import FaultyRedis
 from tests.unit.oidc_fixtures import FakeClock
@@ -115,9 +115,9 @@ def test_every_store_call_fails_as_a_503_within_one_timeout(
 def test_a_request_waits_on_redis_for_at_most_one_socket_timeout(
     faulty: FaultyRedis, fault: str
 ) -> None:
-    # A long fail-fast window would hide a second wait: this guard has none, so only the
+    # A long probe interval would hide a second wait: this guard has none, so only the
     # request scope can keep the later calls from waiting.
-    s = make_store(faulty, RedisGuard(fail_fast_seconds=0))
+    s = make_store(faulty, RedisGuard(probe_interval_seconds=0))
     s.ping()
     faulty.fault(fault)
     errors: list[BaseException | None] = []
@@ -143,7 +143,7 @@ def test_after_a_fault_other_threads_fail_fast_then_one_probe_finds_redis_back(
 ) -> None:
     caplog.set_level(logging.INFO, logger="broker.store")
     window = 0.5
-    s = make_store(faulty, RedisGuard(fail_fast_seconds=window))
+    s = make_store(faulty, RedisGuard(probe_interval_seconds=window))
     s.ping()
     faulty.freeze()
     first, waited = timed(s.ping)
@@ -237,7 +237,7 @@ def test_an_outage_logs_one_warning_then_summaries_then_one_recovery_line(
 ) -> None:
     caplog.set_level(logging.INFO)
     clock = FakeClock()
-    s = make_store(faulty, RedisGuard(clock=clock, fail_fast_seconds=1, summary_seconds=5))
+    s = make_store(faulty, RedisGuard(clock=clock, probe_interval_seconds=1, summary_seconds=5))
     s.ping()
     faulty.fault(case.fault)
     failures = 0
@@ -347,3 +347,26 @@ def test_a_redis_fault_before_sts_is_a_503_and_sts_is_never_called(
     with request_scope(), pytest.raises(StoreUnavailable):
         service.get(alice(), GRANT)
     assert sts.calls == 0
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_once_redis_is_back_requests_are_served_within_one_probe_interval(
+    faulty: FaultyRedis, fault: str
+) -> None:
+    """On a real redis-server killed and restarted, or frozen and thawed: the breaker
+    follows Redis, not a fixed window (the first probe it answers closes it)."""
+    s = make_store(faulty, RedisGuard())
+    s.ping()
+    faulty.fault(fault)
+    with pytest.raises(StoreUnavailable):
+        s.ping()
+    faulty.restore()
+    ready = time.monotonic()
+    while True:
+        try:
+            assert s.ping()
+            break
+        except StoreUnavailable:
+            assert time.monotonic() - ready < PROBE_INTERVAL_SECONDS + SLACK
+            time.sleep(0.01)
+    s.client.close()
