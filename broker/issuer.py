@@ -122,12 +122,24 @@ class KeyState:
 
 
 class KeyRingUnreadable(DependencyUnavailable):
-    """A ring is in Redis but this node cannot open it: its store.encryption_keys differ
-    from the nodes' that wrote it. Never overwritten (those nodes still sign with it)."""
+    """A ring is in Redis but this node cannot open it: its security.encryption_keys
+    differ from the nodes' that wrote it. Never overwritten by a request (those nodes
+    may still sign with it)."""
 
     default_message = (
-        "the broker's signing keys in Redis cannot be opened with this node's store.encryption_keys"
+        "the broker's signing keys in Redis cannot be opened with this node's "
+        "security.encryption_keys (if no node can open them, `broker keys rotate --now` "
+        "replaces them)"
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Publication:
+    """What verifiers are served, read from one look at the ring: the published keys
+    and how long a verifier may keep them (the JWKS and discovery ``max-age``)."""
+
+    keys: list[SigningKey]
+    cache_seconds: int
 
 
 class Issuer:
@@ -151,8 +163,9 @@ class Issuer:
 
     # -- what verifiers fetch -----------------------------------------------------------
 
-    def discovery(self) -> dict[str, Any]:
-        algs = sorted({k.alg for k in self.published()} or {self._settings.algorithm})
+    def discovery(self, publication: Publication | None = None) -> dict[str, Any]:
+        keys = (publication or self.publication()).keys
+        algs = sorted({k.alg for k in keys} or {self._settings.algorithm})
         return {
             "issuer": self.issuer_url,
             "jwks_uri": self.issuer_url + JWKS_PATH,
@@ -175,8 +188,21 @@ class Issuer:
             ],
         }
 
-    def jwks(self) -> dict[str, Any]:
-        return {"keys": [k.public_jwk() for k in self.published()]}
+    def jwks(self, publication: Publication | None = None) -> dict[str, Any]:
+        return {"keys": [k.public_jwk() for k in (publication or self.publication()).keys]}
+
+    def publication(self) -> Publication:
+        """The published keys and their ``max-age``, which never runs past the moment
+        the next key starts signing (invariant 2)."""
+        ring = self._ring()
+        now = self._clock()
+        seconds = float(self.min_publish_ahead())
+        for key in ring:
+            if key.activates_at > now:
+                seconds = min(seconds, key.activates_at - now)
+        return Publication(
+            keys=self._still_published(ring, now), cache_seconds=max(0, int(seconds))
+        )
 
     # -- signing ------------------------------------------------------------------------
 
@@ -221,21 +247,13 @@ class Issuer:
         ring = self._ring()
         key = _signer(ring, self._clock())  # after _ring(), which may have made it just now
         if key is None:
-            # _ring() makes a signer whenever there is none; only a ring changed by a
-            # broker of another version between the two reads lands here.
+            # Unreachable while _ring() keeps its promise to leave a signer; should it
+            # ever break, refuse with a retryable 503 rather than sign with nothing.
             raise DependencyUnavailable("the broker's signing keys are being changed")
         return key
 
     def cache_seconds(self) -> int:
-        """How long a verifier may keep the JWKS and discovery document: never past the
-        moment the next key starts signing (invariant 2)."""
-        ring = self._ring()
-        now = self._clock()
-        seconds = float(self.min_publish_ahead())
-        for key in ring:
-            if key.activates_at > now:
-                seconds = min(seconds, key.activates_at - now)
-        return max(0, int(seconds))
+        return self.publication().cache_seconds
 
     def min_publish_ahead(self) -> int:
         """The longest max-age this issuer serves: a rotation that makes a key sign
@@ -243,9 +261,7 @@ class Issuer:
         return int(min(MAX_CACHE_SECONDS, self._settings.publish_ahead_seconds))
 
     def published(self) -> list[SigningKey]:
-        ring = self._ring()
-        now = self._clock()
-        return [k for k in ring if (until := self._unpublish_at(k)) is None or now < until]
+        return self.publication().keys
 
     # -- operations (broker keys ...) ---------------------------------------------------
 
@@ -303,17 +319,21 @@ class Issuer:
                 # Nothing signs yet, so no verifier can have cached a key set that
                 # misses the new key's predecessor: it signs at once (invariant 1).
                 return self._make_signer(ring)
+            floor = self.min_publish_ahead()
             if at_once:
                 ahead = 0.0
-            elif ahead < self.min_publish_ahead():
+            elif ahead < floor:
                 raise BadRequest(
-                    f"--publish-ahead {ahead:g} is shorter than the {self.min_publish_ahead()} s "
-                    "verifiers may cache the JWKS: the new key could sign before they "
-                    f"know it (use at least {self.min_publish_ahead()}, or --now for a leaked key)"
+                    f"--publish-ahead {ahead:g} is shorter than the {floor} s verifiers may "
+                    "cache the JWKS: the new key could sign before they know it (use at "
+                    f"least {floor}, or --now for a leaked key)"
                 )
             return self._rotate_locked(ring, ahead)
 
     # -- internals ----------------------------------------------------------------------
+
+    def _still_published(self, ring: list[SigningKey], now: float) -> list[SigningKey]:
+        return [k for k in ring if (until := self._unpublish_at(k)) is None or now < until]
 
     def _unpublish_at(self, key: SigningKey) -> float | None:
         if key.retired_at is None or key.source == "file":
@@ -360,7 +380,7 @@ class Issuer:
     def _make_signer(self, ring: list[SigningKey]) -> SigningKey:
         """A key that signs from now: the earliest next key brought forward, else new."""
         now = self._clock()
-        kept = [k for k in ring if (until := self._unpublish_at(k)) is None or now < until]
+        kept = self._still_published(ring, now)
         waiting = sorted((k for k in kept if k.activates_at > now), key=lambda k: k.activates_at)
         if waiting:
             first = replace(waiting[0], activates_at=now)
@@ -376,8 +396,7 @@ class Issuer:
         new = self._generate(activates_at=now + max(0.0, ahead))
         kept = [
             _retired(k, at=new.activates_at) if k.retired_at is None else k
-            for k in ring
-            if (until := self._unpublish_at(k)) is None or now < until
+            for k in self._still_published(ring, now)
         ]
         self._save([*kept, new])
         return new

@@ -13,35 +13,36 @@ from flask import Blueprint, Response, jsonify
 
 from broker.errors import NotFound
 from broker.iam_setup import issuer_in_use
-from broker.issuer import DISCOVERY_PATH, JWKS_PATH, Issuer
+from broker.issuer import DISCOVERY_PATH, JWKS_PATH, Issuer, Publication
 from broker.services import current_services
 
 blueprint = Blueprint("issuer", __name__)
 
 
-def _issuer() -> tuple[Issuer, int]:
-    """The issuer and how long verifiers may cache what it publishes; 404 when off."""
+def _issuer() -> tuple[Issuer, Publication]:
+    """The issuer and what it publishes now (one read of the key ring); 404 when off."""
     services = current_services()
     issuer = services.issuer
     if issuer is None or not issuer_in_use(services.settings):
         raise NotFound("not found")
-    return issuer, issuer.cache_seconds()
+    return issuer, issuer.publication()
 
 
-def _cacheable(response: Response, seconds: int) -> Response:
+def _cacheable(response: Response, publication: Publication) -> Response:
+    seconds = publication.cache_seconds
     response.headers["Cache-Control"] = f"public, max-age={seconds}" if seconds else "no-cache"
     return response
 
 
 @blueprint.get(DISCOVERY_PATH)
 def discovery() -> Response:
-    issuer, seconds = _issuer()
-    return _cacheable(jsonify(issuer.discovery()), seconds)
+    issuer, publication = _issuer()
+    return _cacheable(jsonify(issuer.discovery(publication)), publication)
 
 
 @blueprint.get(JWKS_PATH)
 def jwks() -> Response:
-    issuer, seconds = _issuer()
-    response = jsonify(issuer.jwks())
+    issuer, publication = _issuer()
+    response = jsonify(issuer.jwks(publication))
     response.mimetype = "application/jwk-set+json"
-    return _cacheable(response, seconds)
+    return _cacheable(response, publication)

@@ -77,8 +77,9 @@ class CachedVerifier:
         self.until = 0.0
 
     def fetch(self, node: Issuer, now: float) -> None:
-        max_age = node.cache_seconds()
-        self.jwks, self.until = node.jwks(), now + max_age
+        # As the JWKS route serves it: the key set and its max-age from one ring read.
+        publication = node.publication()
+        self.jwks, self.until = node.jwks(publication), now + publication.cache_seconds
 
     def keys_for(self, node: Issuer, now: float) -> dict[str, Any]:
         if self.jwks is None or now >= self.until:
