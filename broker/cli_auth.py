@@ -54,27 +54,27 @@ _STATE_MAX_CHARS = 512
 _DEVICE_CODE_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 
 
-class AuthorizationPending(errors.BadRequest):
+class AuthorizationPending(errors.OAuthError):
     code = "authorization_pending"
     default_message = "waiting for the sign-in to be approved in the browser"
 
 
-class SlowDown(errors.BadRequest):
+class SlowDown(errors.OAuthError):
     code = "slow_down"
     default_message = "polling too fast; wait longer between requests"
 
 
-class InvalidGrant(errors.BadRequest):
+class InvalidGrant(errors.OAuthError):
     code = "invalid_grant"
     default_message = "the sign-in code is unknown, used or expired; run broker login again"
 
 
-class ExpiredDeviceCode(errors.BadRequest):
+class ExpiredDeviceCode(errors.OAuthError):
     code = "expired_token"
     default_message = "the device code has expired; run broker login again"
 
 
-class LoginRefused(errors.AccessDenied):
+class LoginRefused(errors.OAuthError):
     code = "access_denied"
     default_message = "the sign-in was refused in the browser"
 
@@ -232,7 +232,8 @@ class CLIAuth:
             ):
                 break
         else:
-            raise errors.ServerError("could not allocate a device user code")
+            # Five collisions in 20^8 codes: the store is refusing, not the odds.
+            raise errors.DependencyUnavailable("could not allocate a device user code; try again")
         self._store.set_sealed(
             self._device_key(_digest(device_code)),
             {"status": "pending", "user_code": user_code},

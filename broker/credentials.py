@@ -45,7 +45,6 @@ from typing import Any
 
 from broker import metrics
 from broker.errors import (
-    ConfigurationError,
     DependencyUnavailable,
     ServerError,
     StoreUnavailable,
@@ -241,7 +240,8 @@ class CredentialService:
         token, provider_id = identity.verified.token, identity.verified.sts_provider_id
         if grant.broker_token:
             if self._issuer is None:
-                raise ConfigurationError("this grant needs the broker's token, and no issuer")
+                # Services always builds one: reaching here is a bug.
+                raise ServerError("this grant needs the broker's token, and no issuer")
             # Signed here, just before the call: the token lives minutes, and STS
             # reads it once. IAM trusts the broker as an OIDC provider, so no ProviderId.
             token, provider_id = (

@@ -8,7 +8,8 @@ different branches so code can tell them apart::
     BrokerError
     ├── ClientError                       4xx: the caller can fix it
     │   ├── BadRequest                    400 invalid_request
-    │   │   └── UnknownProvider           400 unknown_provider
+    │   │   ├── UnknownProvider           400 unknown_provider
+    │   │   └── OAuthError                400 the CLI token endpoint's OAuth codes
     │   ├── InvalidToken                  401 invalid_token
     │   │   └── ExpiredToken              401 expired_token
     │   ├── Unauthenticated               401 unauthenticated (no/expired session)
@@ -18,13 +19,20 @@ different branches so code can tell them apart::
     │   ├── NotFound                      404 not_found
     │   └── RateLimited                   429 rate_limited
     └── ServerError                       5xx: not the caller's fault
-        ├── ConfigurationError            500 configuration_error (a rule/policy is wrong)
+        ├── ConfigurationError            500 configuration_error (start-up or reload only)
         ├── UpstreamError                 502 upstream_error (IdP or STS answered badly)
         ├── UpstreamThrottled             503 upstream_throttled
         └── DependencyUnavailable         503 dependency_unavailable (STS, IdP unreachable)
             └── StoreUnavailable          503 dependency_unavailable (Redis)
 
 Messages are written for the caller and never contain tokens, secrets or credentials.
+
+Each code has one meaning and one status, listed in ``CODES`` with what the caller
+should do; a class whose code or status disagrees with the table fails at import.
+``configuration_error`` and ``internal_error`` never describe a request: the first is
+refused configuration at start-up or reload, the second a broken invariant (a bug).
+The CLI token endpoint speaks OAuth instead (``OAUTH_CODES``, RFC 6749 section 5.2 and
+RFC 8628 section 3.5): its codes are all 400 and some share a name with a broker code.
 
 Every 503 tells the client when to come back: the 503 classes carry a default
 ``retry_after`` (rendered as ``Retry-After``), so no raise site can forget it.
@@ -37,7 +45,126 @@ error path can write the audit event for it (``broker.web.errors.report``).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    # None only for http_error, whose status is that of the HTTP refusal it names.
+    status: int | None
+    when: str
+    action: str
+
+
+_RETRY = "retry after the Retry-After seconds"
+_OPERATOR = "tell the broker's operator; retrying will not help"
+
+CODES: Mapping[str, ErrorCode] = {
+    "invalid_request": ErrorCode(
+        400,
+        "the request is malformed: a parameter, body, header or value is wrong",
+        "fix the request as the message says",
+    ),
+    "unknown_provider": ErrorCode(
+        400,
+        "the provider named is not configured on this broker",
+        "use one of the providers the message lists",
+    ),
+    "limited_login_not_enabled": ErrorCode(
+        400,
+        "a Facebook Limited Login token where this broker does not accept one",
+        "send a classic Facebook access token, or ask the operator to enable Limited Login",
+    ),
+    "invalid_token": ErrorCode(
+        401,
+        "the identity token failed verification (signature, issuer, audience, claims)",
+        "get a new token from the provider; do not retry the same one",
+    ),
+    "expired_token": ErrorCode(
+        401,
+        "the identity token, or the provider token behind a session, has expired",
+        "refresh it at the provider or sign in again",
+    ),
+    "unauthenticated": ErrorCode(
+        401,
+        "no session, or a session that has ended; or a wrong bearer token",
+        "sign in again (broker login, or the sign-in page)",
+    ),
+    "access_denied": ErrorCode(
+        403,
+        "the identity is known but may not do this (STS or a check refused it)",
+        "ask the operator for access; the message says what refused",
+    ),
+    "no_matching_rule": ErrorCode(
+        403,
+        "no role rule matches this identity",
+        "ask the operator for a rule that matches",
+    ),
+    "role_not_allowed": ErrorCode(
+        403,
+        "the rules do not let this identity assume the role asked for",
+        "pick one of the roles the answer lists",
+    ),
+    "not_found": ErrorCode(404, "no such route or resource here", "check the URL"),
+    "method_not_allowed": ErrorCode(
+        405, "the route exists but not for this method", "use a method the Allow header lists"
+    ),
+    "request_too_large": ErrorCode(
+        413, "the body is larger than the broker accepts", "send a smaller body"
+    ),
+    "uri_too_long": ErrorCode(414, "the request line is too long", "send a shorter URL"),
+    "unsupported_media_type": ErrorCode(
+        415, "the body is not application/json", "send JSON with that Content-Type"
+    ),
+    "expectation_failed": ErrorCode(
+        417, "an Expect header other than 100-continue", "drop the Expect header"
+    ),
+    "rate_limited": ErrorCode(429, "too many requests from this address or identity", _RETRY),
+    "headers_too_large": ErrorCode(
+        431, "a header, or all of them, is longer than the broker accepts", "send smaller headers"
+    ),
+    "http_error": ErrorCode(
+        None,
+        "an HTTP refusal below the API with no code of its own; the status names it",
+        "fix the request as the status says",
+    ),
+    "internal_error": ErrorCode(
+        500, "a broken invariant in the broker: a bug, logged with its cause", _OPERATOR
+    ),
+    "configuration_error": ErrorCode(
+        500, "configuration refused at start-up or reload; never a request's answer", _OPERATOR
+    ),
+    "upstream_error": ErrorCode(
+        502,
+        "the identity provider or STS failed, answered nonsense, or refused a request "
+        "the broker built (a session policy STS finds malformed)",
+        "retry later; if it persists, tell the operator (the message names the service)",
+    ),
+    "upstream_throttled": ErrorCode(503, "the identity provider or STS is throttling", _RETRY),
+    "dependency_unavailable": ErrorCode(
+        503, "a service the broker needs (STS, the provider, Redis) is unreachable", _RETRY
+    ),
+}
+
+# RFC 6749 section 5.2 and RFC 8628 section 3.5: what POST /v1/cli/token answers.
+OAUTH_CODES: Mapping[str, ErrorCode] = {
+    "authorization_pending": ErrorCode(
+        400,
+        "the person has not yet approved the sign-in in the browser",
+        "poll again after the interval",
+    ),
+    "slow_down": ErrorCode(
+        400, "polled sooner than the interval allows", "add 5 seconds to the interval, then poll"
+    ),
+    "access_denied": ErrorCode(
+        400, "the person refused the sign-in in the browser", "stop polling"
+    ),
+    "expired_token": ErrorCode(400, "the device code has expired", "start a new sign-in"),
+    "invalid_grant": ErrorCode(
+        400, "the code is unknown, already used or expired", "start a new sign-in"
+    ),
+}
 
 
 class BrokerError(Exception):
@@ -50,6 +177,16 @@ class BrokerError(Exception):
     # True when whoever raises it has already logged the fault in its own way (the
     # store's outage log), so the error handler must not log each occurrence again.
     logged_at_source: ClassVar[bool] = False
+    # Which table the code belongs to: the broker's own, or OAuth's on the token endpoint.
+    vocabulary: ClassVar[Mapping[str, ErrorCode]] = CODES
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        entry = cls.vocabulary.get(cls.code)
+        if entry is None or entry.status != cls.status:
+            raise TypeError(
+                f"{cls.__name__}: {cls.code!r} with status {cls.status} is not in its error table"
+            )
 
     def __init__(
         self,
@@ -89,6 +226,14 @@ class ClientError(BrokerError):
 
 class BadRequest(ClientError):
     pass
+
+
+class OAuthError(BadRequest):
+    """An answer of the CLI token endpoint, in OAuth's vocabulary (all 400)."""
+
+    vocabulary = OAUTH_CODES
+    code = "invalid_grant"
+    default_message = "the sign-in code is unknown, used or expired"
 
 
 class UnknownProvider(BadRequest):

@@ -95,7 +95,7 @@ def guest_identity(ids: IdentityIds, subject: str, *, expires_at: int) -> Identi
 
 def guest_grant(settings: GuestSettings, identity: Identity) -> Grant:
     if settings.role_arn is None:  # settings refuses enabled without a role
-        raise errors.ConfigurationError("guest access has no role")
+        raise errors.ServerError("guest access has no role")
     return Grant(
         rule=GUEST_RULE,
         role_arn=settings.role_arn,

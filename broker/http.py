@@ -508,7 +508,10 @@ class SingleFlight(Generic[T]):
             flight.done.set()
             raise
         except BaseException as exc:
-            flight.error = exc if isinstance(exc, BrokerError) else BrokerError()
+            # Followers only need to know that it failed (they answer a 503 of their own).
+            flight.error = (
+                exc if isinstance(exc, BrokerError) else UpstreamError(f"{self._what} failed")
+            )
             with self._lock:
                 self._flight = None
             flight.done.set()

@@ -179,7 +179,10 @@ class OAuthFlow:
         if isinstance(p, OIDCProviderSettings) and p.type == "developer":
             # The operator's backend signs these tokens for its own users: there is no
             # sign-in page to send a browser to.
-            raise errors.ConfigurationError(f"provider {name!r} is API-only (developer)")
+            raise errors.BadRequest(
+                f"provider {name!r} has no browser sign-in: its tokens come from the "
+                "operator's backend (API only)"
+            )
         if isinstance(p, OIDCProviderSettings):
             return ClientConfig(
                 provider=name,
@@ -196,8 +199,9 @@ class OAuthFlow:
             )
         if isinstance(p, AmazonProviderSettings):
             if not p.client_secret:
-                raise errors.ConfigurationError(
-                    f"provider {name!r} has no client_secret: browser sign-in is not set up"
+                raise errors.BadRequest(
+                    f"provider {name!r} has no browser sign-in: it is set up for app "
+                    "tokens only (no client_secret)"
                 )
             return ClientConfig(
                 provider=name,
@@ -298,8 +302,9 @@ class OAuthFlow:
             ttl=self._settings.web.login_state_ttl_seconds,
             only_if_new=True,
         )
-        if not stored:  # 256 random bits collided: something is badly wrong
-            raise errors.ServerError("could not start the sign-in")
+        # 256 random bits do not collide: a refusal means the store did not do its part.
+        if not stored:
+            raise errors.DependencyUnavailable("could not start the sign-in; try again")
         extra: dict[str, str] = {}
         if pending.nonce is not None:
             extra["nonce"] = pending.nonce

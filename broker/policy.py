@@ -200,8 +200,8 @@ def _identity_value(name: str, identity: Identity) -> str:
     elif name in {"email", "aud"}:
         claim = name
     else:
-        # check_template refuses these at load time; reaching here means it was skipped.
-        raise errors.ConfigurationError(f"the session policy uses unknown placeholder {name!r}")
+        # check_template refuses these at load time: reaching here is a bug.
+        raise errors.ServerError(f"the session policy uses unknown placeholder {name!r}")
     value = find_claim(identity.claims, claim)
     if claim == "aud" and isinstance(value, list) and value:
         value = value[0]
@@ -220,8 +220,9 @@ def _checked_value(name: str, identity: Identity) -> str:
     value = _identity_value(name, identity)
     if name == "identity_id":
         if not _SAFE_IDENTITY_ID_RE.fullmatch(value):
-            # The broker derives identity ids; an odd one means a bad identity.region.
-            raise errors.ConfigurationError("identity ids are unsuitable for session policies")
+            # The broker derives identity ids from identity.region, which settings
+            # checks: reaching here is a bug.
+            raise errors.ServerError("identity ids are unsuitable for session policies")
         return value
     if not _SAFE_VALUE_RE.fullmatch(value):
         # 403 rather than 400: the caller cannot fix the request, their identity simply
@@ -239,13 +240,14 @@ def render(template: Mapping[str, Any], identity: Identity) -> str:
     try:
         text = _serialise(policy)
     except (TypeError, ValueError):
-        # check_template refuses non-JSON values at load time; this is the backstop.
-        raise errors.ConfigurationError("the session policy template is not JSON") from None
+        # check_template refuses non-JSON values at load time: reaching here is a bug.
+        raise errors.ServerError("the session policy template is not JSON") from None
     if len(text) > STS_MAX_INLINE_POLICY_CHARS:
         # Checked here, before any STS call, so the operator sees which limit was hit
-        # instead of an opaque PackedPolicyTooLarge from STS.
-        raise errors.ConfigurationError(
-            f"the session policy is {len(text)} characters; "
+        # instead of an opaque PackedPolicyTooLarge from STS. 403 like a value that
+        # cannot be scoped: this identity's values make the policy too long for STS.
+        raise errors.AccessDenied(
+            f"the session policy for this identity is {len(text)} characters; "
             f"STS accepts at most {STS_MAX_INLINE_POLICY_CHARS}"
         )
     return text
@@ -294,8 +296,8 @@ def render_tags(rule: RuleSettings, identity: Identity) -> tuple[tuple[str, str]
                 "_ . : / = + - @"
             )
         out.append((key, text))
-    if len(out) > STS_MAX_TAGS:  # settings refuses such rules; this is the backstop
-        raise errors.ConfigurationError(f"rule {rule.name!r} has more than {STS_MAX_TAGS} tags")
+    if len(out) > STS_MAX_TAGS:  # settings refuses such rules: reaching here is a bug
+        raise errors.ServerError(f"rule {rule.name!r} has more than {STS_MAX_TAGS} tags")
     return tuple(out)
 
 

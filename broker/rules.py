@@ -83,7 +83,8 @@ def _scalar_holds(condition: Condition, text: str) -> bool:
         # fnmatchcase, not fnmatch: fnmatch folds case on some platforms, and a rule
         # must mean the same thing wherever the broker runs.
         return fnmatchcase(text, expected)
-    raise errors.ConfigurationError(f"unknown rule operator {condition.op!r}")
+    # settings refuses other operators: reaching here is a bug.
+    raise errors.ServerError(f"unknown rule operator {condition.op!r}")
 
 
 def condition_holds(condition: Condition, claims: Mapping[str, Any]) -> bool:

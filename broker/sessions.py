@@ -233,7 +233,7 @@ class SessionStore:
         if not self._store.set_sealed(
             self.key(ws.session_id), ws.to_json(), ttl=self._ttl(ws, now), only_if_new=True
         ):
-            raise errors.ServerError("could not create a session")
+            raise errors.DependencyUnavailable("could not create a session; try again")
         return ws
 
     def load(self, session_id: str | None) -> WebSession | None:

@@ -56,6 +56,10 @@ MAX_UPSTREAM_BUDGET_SECONDS = WORKER_TIMEOUT_SECONDS / 2
 ROLE_ARN_RE = re.compile(r"^arn:aws(?:-cn|-us-gov)?:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
 POLICY_ARN_RE = re.compile(r"^arn:aws(?:-cn|-us-gov)?:iam::(?:\d{12}|aws):policy/[\w+=,.@/-]+$")
 PROVIDER_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# An identity id is "<region>:<uuid>" (broker.identity) and goes into session policies
+# and S3 prefixes, so the region keeps to the characters a policy value may hold and
+# leaves room for the 37 after it within the 64 one may have (broker.policy).
+IDENTITY_REGION_RE = re.compile(r"[A-Za-z0-9_+=,.@-]{1,27}", re.ASCII)
 # SourceIdentity as STS accepts it (ASCII: `\w` would admit letters STS refuses).
 SOURCE_IDENTITY_RE = re.compile(r"[\w+=,.@-]{2,64}", re.ASCII)
 _TAG_PUNCTUATION = frozenset("_.:/=+-@")
@@ -834,6 +838,8 @@ def _upstream(r: _Reader) -> UpstreamSettings:
 
 def _identity(r: _Reader) -> IdentitySettings:
     s = IdentitySettings(region=r.text("region", "us-east-1"))
+    if isinstance(s.region, str) and not IDENTITY_REGION_RE.fullmatch(s.region):
+        r.problem("region", "must be 1 to 27 of A-Z a-z 0-9 _ + = , . @ - (like us-east-1)")
     r.finish()
     return s
 

@@ -7,9 +7,11 @@ real implementation, follows below it. STS error codes map onto the broker's err
 ``InvalidIdentityToken``                         ``InvalidToken`` (401)
 ``ExpiredTokenException``                        ``ExpiredToken`` (401)
 ``IDPRejectedClaim``, ``AccessDenied``           ``AccessDenied`` (403)
-``MalformedPolicyDocument``,                     ``ConfigurationError`` (500): a rule or
-``PackedPolicyTooLarge``, ``ValidationError``,   its policy is wrong, not the caller
-``RegionDisabledException``
+``PackedPolicyTooLarge``                         ``AccessDenied`` (403): this identity's
+                                                 tags and policy values are too long
+``MalformedPolicyDocument``, ``ValidationError``  ``UpstreamError`` (502) with STS's reason:
+``RegionDisabledException``                      STS refused what the rules built; the
+                                                 operator must fix it, the caller cannot
 ``Throttling``, ``ThrottlingException``,         retried, then ``UpstreamThrottled`` (503)
 ``RequestLimitExceeded``
 ``IDPCommunicationError``                        retried, then ``UpstreamError`` (502)
@@ -42,10 +44,10 @@ from broker.errors import (
     AccessDenied,
     BadRequest,
     BrokerError,
-    ConfigurationError,
     DependencyUnavailable,
     ExpiredToken,
     InvalidToken,
+    ServerError,
     UpstreamError,
     UpstreamThrottled,
 )
@@ -120,7 +122,9 @@ _THROTTLING = frozenset({"Throttling", "ThrottlingException", "RequestLimitExcee
 # Only these are worth another attempt: STS asked us to slow down, or could not reach
 # the IdP. Every other STS error is a verdict on the request and would be the same again.
 _RETRYABLE = _THROTTLING | {"IDPCommunicationError"}
-_POLICY_ERRORS = frozenset({"MalformedPolicyDocument", "PackedPolicyTooLarge"})
+_REFUSED_REQUEST = frozenset(
+    {"MalformedPolicyDocument", "ValidationError", "RegionDisabledException"}
+)
 
 
 class BotocoreSTS:
@@ -199,22 +203,22 @@ class BotocoreSTS:
 
 
 def _params(request: AssumeRequest) -> dict[str, Any]:
-    """The API parameters, after checking STS's limits: refused here, not by STS."""
+    """The API parameters, after checking STS's limits: refused here, not by STS. Only
+    the duration comes from the caller; settings and the policy renderer keep the rest
+    within the limits, so the other checks are backstops."""
     if not STS_MIN_DURATION <= request.duration_seconds <= STS_MAX_DURATION:
         raise BadRequest(
             f"duration_seconds must be between {STS_MIN_DURATION} and {STS_MAX_DURATION}"
         )
     if not SESSION_NAME_RE.fullmatch(request.session_name):
-        raise ConfigurationError(
-            f"the role session name for role {request.role_arn} is not valid for STS"
-        )
+        raise ServerError(f"the role session name for role {request.role_arn} is not valid for STS")
     if request.policy is not None and len(request.policy) > STS_MAX_INLINE_POLICY_CHARS:
-        raise ConfigurationError(
+        raise ServerError(
             f"the session policy for role {request.role_arn} is {len(request.policy)} "
             f"characters; STS accepts at most {STS_MAX_INLINE_POLICY_CHARS}"
         )
     if len(request.policy_arns) > STS_MAX_POLICY_ARNS:
-        raise ConfigurationError(
+        raise ServerError(
             f"{len(request.policy_arns)} managed policy ARNs for role {request.role_arn}; "
             f"STS accepts at most {STS_MAX_POLICY_ARNS}"
         )
@@ -244,14 +248,12 @@ def _map_client_error(exc: ClientError, code: str, request: AssumeRequest) -> Br
         return InvalidToken(f"STS refused the identity token: {detail}")
     if code in {"IDPRejectedClaim", "AccessDenied"}:
         return AccessDenied(f"STS refused to let this identity assume {role}: {detail}")
-    if code in _POLICY_ERRORS:
-        return ConfigurationError(f"STS rejected the session policy for role {role}: {detail}")
-    if code == "ValidationError":
-        return ConfigurationError(f"STS rejected the request for role {role}: {detail}")
-    if code == "RegionDisabledException":
-        return ConfigurationError(
-            f"STS is not activated in the configured region for role {role}: {detail}"
+    if code == "PackedPolicyTooLarge":
+        return AccessDenied(
+            f"STS refused this identity's session tags and policy for {role} as too large: {detail}"
         )
+    if code in _REFUSED_REQUEST:
+        return UpstreamError(f"STS refused the request for role {role} ({code}): {detail}")
     if code in _THROTTLING:
         return UpstreamThrottled(
             "STS is throttling requests", retry_after=_retry_after(exc.response)
@@ -268,7 +270,9 @@ def _map_param_error(exc: ParamValidationError, request: AssumeRequest) -> Broke
     detail = str(exc).replace(request.web_identity_token, "[token]")
     if "WebIdentityToken" in detail:
         return InvalidToken()
-    return ConfigurationError(f"the STS request for role {request.role_arn} is invalid: {detail}")
+    # The other parameters come from settings and the renderer, which keep to the model:
+    # reaching here is a bug.
+    return ServerError(f"the STS request for role {request.role_arn} is invalid: {detail}")
 
 
 def _retry_after(response: Mapping[str, Any]) -> int:

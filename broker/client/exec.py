@@ -25,6 +25,7 @@ from typing import Any
 from broker.client.aws_config import config_path
 from broker.client.credentials import CredentialSource
 from broker.client.errors import CLIError
+from broker.errors import UNAVAILABLE_RETRY_AFTER
 
 # Variables that would make the child's SDK pick other credentials before ours.
 _SHADOWING = (
@@ -66,12 +67,12 @@ def serve(source: CredentialSource, token: str) -> ThreadingHTTPServer:
                 process = source.get()
             except CLIError as exc:
                 print(f"broker exec: {exc.message}", file=sys.stderr)
-                self._json(503, {"error": "unavailable", "message": exc.message})
+                self._json(503, {"error": "dependency_unavailable", "message": exc.message})
                 return
             except Exception:  # never a traceback into the child's terminal
                 message = "could not get credentials"
                 print(f"broker exec: {message}", file=sys.stderr)
-                self._json(503, {"error": "unavailable", "message": message})
+                self._json(503, {"error": "dependency_unavailable", "message": message})
                 return
             self._json(200, container_answer(process, source.role_arn()))
 
@@ -81,6 +82,9 @@ def serve(source: CredentialSource, token: str) -> ThreadingHTTPServer:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Cache-Control", "no-store")
+            if status == 503:
+                # The broker or the provider may be back in a moment; the SDK retries.
+                self.send_header("Retry-After", str(UNAVAILABLE_RETRY_AFTER))
             self.end_headers()
             self.wfile.write(data)
 

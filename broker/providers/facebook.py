@@ -330,7 +330,8 @@ class FacebookProvider(IdentityProvider):
         )
         error = _top_level_error(result)
         if error is not None and error.code in _APP_CREDENTIAL_ERRORS:
-            raise errors.ConfigurationError(
+            # 502, not the caller's fault: Facebook refused the operator's secret.
+            raise errors.UpstreamError(
                 f"Facebook refused the app_id/app_secret of provider {self.name!r} "
                 f"(error code {error.code})"
             )

@@ -383,16 +383,16 @@ def test_wrong_appsecret_proof_is_refused_by_graph(
     assert_token_not_leaked(exc.value, (token, DEMO_FACEBOOK_APP_SECRET), caplog)
 
 
-def test_wrong_app_secret_is_a_configuration_error_without_the_secret(
+def test_wrong_app_secret_is_an_upstream_error_without_the_secret(
     make_provider: Callable[..., FacebookProvider],
     graph: FakeFacebook,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     token = graph.mint("alice")
-    with pytest.raises(errors.ConfigurationError, match="app_id/app_secret") as exc:
+    with pytest.raises(errors.UpstreamError, match="app_id/app_secret") as exc:
         make_provider(app_secret="not-the-secret").verify(token)
-    assert exc.value.status == 500
+    assert exc.value.status == 502
     assert_token_not_leaked(exc.value, (token, "not-the-secret"), caplog)
 
 

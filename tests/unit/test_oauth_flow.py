@@ -6,6 +6,7 @@ with a provider that sends ``iss``, is in tests/integration/test_sso_mixup.py.""
 from __future__ import annotations
 
 import base64
+import json
 import os
 from typing import Any, cast
 
@@ -15,6 +16,7 @@ from broker.errors import BadRequest
 from broker.jwks import MalformedDocument
 from broker.oauth_flow import OAuthFlow, _endpoints_from_discovery
 from broker.settings import settings_from_mapping
+from tests.unit.oidc_fixtures import rsa_key
 
 ISSUER = "https://idp.example.com"
 DOCUMENT = {
@@ -48,7 +50,7 @@ def test_a_discovery_document_for_another_issuer_is_refused() -> None:
         _endpoints_from_discovery({**DOCUMENT, "issuer": "https://evil.example"}, (ISSUER,))
 
 
-def _flow() -> OAuthFlow:
+def _flow(**providers: dict[str, Any]) -> OAuthFlow:
     key = base64.b64encode(os.urandom(32)).decode()
     settings = settings_from_mapping(
         {
@@ -61,6 +63,7 @@ def _flow() -> OAuthFlow:
                     "client_secret": "s",
                 },
                 "facebook": {"type": "facebook", "app_id": "1", "app_secret": "s"},
+                **providers,
             },
             "rules": [
                 {
@@ -91,3 +94,25 @@ def test_providers_without_an_issuer_refuse_any_iss(provider: str, iss: str) -> 
         _flow().check_issuer(provider, iss)
     assert caught.value.status == 400
     assert "evil" not in caught.value.message  # the value is never echoed
+
+
+def test_a_provider_without_browser_sign_in_is_the_callers_400(tmp_path: Any) -> None:
+    # The configuration is fine: these providers take app tokens only. Asking one for a
+    # browser sign-in is the caller's mistake (400), not a broken broker (500).
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [rsa_key("backend-1").public_jwk()]}))
+    flow = _flow(
+        app_only={"type": "amazon", "client_ids": ["amzn1.application-oa2-client.y"]},
+        backend={
+            "type": "developer",
+            "issuer": "https://backend.example",
+            "client_ids": ["app"],
+            "jwks_file": str(jwks),
+        },
+    )
+    for name in ("app_only", "backend"):
+        with pytest.raises(BadRequest, match="has no browser sign-in") as caught:
+            flow.client(name)
+        assert caught.value.code == "invalid_request"
+        assert not flow.browser_ready(name)
+    assert flow.browser_ready("amazon")

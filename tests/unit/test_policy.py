@@ -264,9 +264,11 @@ def test_missing_or_non_string_claim_denies(
     assert needle in caught.value.message
 
 
-def test_unknown_placeholder_at_render_is_a_configuration_error() -> None:
-    with pytest.raises(errors.ConfigurationError):
+def test_unknown_placeholder_at_render_is_an_internal_error() -> None:
+    # check_template refuses it at load time; render's refusal is the backstop.
+    with pytest.raises(errors.ServerError) as caught:
         render(one_statement("r/${aws:username}"), identity())
+    assert caught.value.code == "internal_error"
 
 
 # --------------------------------------------------------------------------- size
@@ -282,10 +284,10 @@ def test_policy_at_the_limit_renders() -> None:
     assert len(render(padded(STS_MAX_INLINE_POLICY_CHARS), identity())) == 2048
 
 
-def test_oversize_policy_is_a_configuration_error() -> None:
-    with pytest.raises(errors.ConfigurationError) as caught:
+def test_oversize_policy_is_refused_for_the_identity() -> None:
+    with pytest.raises(errors.AccessDenied) as caught:
         render(padded(STS_MAX_INLINE_POLICY_CHARS + 1), identity())
-    assert caught.value.status == 500
+    assert caught.value.status == 403
     assert "2049" in caught.value.message
     assert "2048" in caught.value.message
 
@@ -295,7 +297,7 @@ def test_policy_that_outgrows_the_limit_with_long_values() -> None:
     short = identity({"email": "a@b.c"})
     long = identity({"email": "a" * 50 + "@example.com"})
     assert len(render(template, short)) < 2048
-    with pytest.raises(errors.ConfigurationError):
+    with pytest.raises(errors.AccessDenied):
         render(template, long)
     # ...which the load-time check foresaw.
     assert any("2048" in p for p in check_template(replace(RULE, session_policy=template)))

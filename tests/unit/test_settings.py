@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from broker.identity import IdentityIds
+from broker.policy import _SAFE_IDENTITY_ID_RE
 from broker.settings import (
     GOOGLE_ISSUERS,
     GOOGLE_JWKS_URL,
@@ -365,6 +367,21 @@ REJECTED: list[tuple[str, Mutation, str]] = [
         "identity key missing",
         lambda c: c["security"].pop("identity_key"),
         "security.identity_key: is required",
+    ),
+    (
+        "identity region with a colon",
+        lambda c: c.update(identity={"region": "us:east"}),
+        "identity.region: must be 1 to 27 of",
+    ),
+    (
+        "identity region too long for a policy value",
+        lambda c: c.update(identity={"region": "r" * 28}),
+        "identity.region: must be 1 to 27 of",
+    ),
+    (
+        "identity region empty",
+        lambda c: c.update(identity={"region": ""}),
+        "identity.region: must be 1 to 27 of",
     ),
     (
         "HMAC algorithm",
@@ -770,3 +787,10 @@ def test_check_config_takes_config_like_the_other_commands(
     argv = ["check-config", "--config", str(bad)] if form == "flag" else ["check-config", str(bad)]
     assert main(argv) == 1
     assert "servr: unknown key (did you mean 'server'?)" in capsys.readouterr().err
+
+
+def test_the_longest_identity_region_still_makes_policy_safe_identity_ids() -> None:
+    # The region check in settings stands in for the check policy makes per request.
+    settings = load(config(lambda c: c.update(identity={"region": "r" * 27})))
+    identity_id = IdentityIds(key=b"k" * 32, region=settings.identity.region).derive("p", "s")
+    assert _SAFE_IDENTITY_ID_RE.fullmatch(identity_id)

@@ -193,10 +193,10 @@ def test_passes_provider_id_policy_and_policy_arns(fake: FakeSTS, sts: BotocoreS
         ((400, "ExpiredTokenException"), errors.ExpiredToken, 1),
         ((403, "IDPRejectedClaim"), errors.AccessDenied, 1),
         ((403, "AccessDenied"), errors.AccessDenied, 1),
-        ((400, "MalformedPolicyDocument"), errors.ConfigurationError, 1),
-        ((400, "PackedPolicyTooLarge"), errors.ConfigurationError, 1),
-        ((400, "ValidationError"), errors.ConfigurationError, 1),
-        ((403, "RegionDisabledException"), errors.ConfigurationError, 1),
+        ((400, "MalformedPolicyDocument"), errors.UpstreamError, 1),
+        ((400, "PackedPolicyTooLarge"), errors.AccessDenied, 1),
+        ((400, "ValidationError"), errors.UpstreamError, 1),
+        ((403, "RegionDisabledException"), errors.UpstreamError, 1),
         ((400, "Throttling"), errors.UpstreamThrottled, 3),
         ((400, "ThrottlingException"), errors.UpstreamThrottled, 3),
         ((400, "RequestLimitExceeded"), errors.UpstreamThrottled, 3),
@@ -225,14 +225,14 @@ def test_maps_sts_error_codes(
     assert len(fake.requests) == attempts
 
 
-def test_configuration_errors_name_the_role(fake: FakeSTS, sts: BotocoreSTS) -> None:
+def test_refused_requests_name_the_role_and_the_reason(fake: FakeSTS, sts: BotocoreSTS) -> None:
     fake.reset(Answer(400, error_document("MalformedPolicyDocument", "syntax error at 1:2")))
 
-    with pytest.raises(errors.ConfigurationError) as caught:
+    with pytest.raises(errors.UpstreamError) as caught:
         sts.assume_role_with_web_identity(assume(policy="{}"))
 
     assert caught.value.message == (
-        f"STS rejected the session policy for role {ROLE}: syntax error at 1:2"
+        f"STS refused the request for role {ROLE} (MalformedPolicyDocument): syntax error at 1:2"
     )
 
 
@@ -298,18 +298,18 @@ def test_unparseable_5xx_is_an_upstream_error_and_botocore_does_not_retry(
     [
         ({"duration_seconds": 899}, errors.BadRequest),
         ({"duration_seconds": 43201}, errors.BadRequest),
-        ({"session_name": "a"}, errors.ConfigurationError),
-        ({"session_name": "a" * 65}, errors.ConfigurationError),
-        ({"session_name": "has space"}, errors.ConfigurationError),
-        ({"session_name": "naïve"}, errors.ConfigurationError),
-        ({"session_name": "semi;colon"}, errors.ConfigurationError),
-        ({"policy": "x" * 2049}, errors.ConfigurationError),
+        ({"session_name": "a"}, errors.ServerError),
+        ({"session_name": "a" * 65}, errors.ServerError),
+        ({"session_name": "has space"}, errors.ServerError),
+        ({"session_name": "naïve"}, errors.ServerError),
+        ({"session_name": "semi;colon"}, errors.ServerError),
+        ({"policy": "x" * 2049}, errors.ServerError),
         # Bounds of STS's API model, checked by botocore before sending.
         ({"web_identity_token": "abc"}, errors.InvalidToken),
-        ({"role_arn": "arn:aws:iam::1:r"}, errors.ConfigurationError),
+        ({"role_arn": "arn:aws:iam::1:r"}, errors.ServerError),
         (
             {"policy_arns": tuple(f"arn:aws:iam::aws:policy/P{i}" for i in range(11))},
-            errors.ConfigurationError,
+            errors.ServerError,
         ),
     ],
 )
