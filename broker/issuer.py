@@ -39,7 +39,10 @@ The key ring is a state machine. Its states, read from the ring at a moment ``no
   is never overwritten by a request, since the nodes that can open it may still sign
   with it. ``broker keys rotate --now`` replaces it when no node can.
 
-Transitions happen under one Redis lock, so two nodes rotating at once make one key.
+Transitions happen under one Redis lock, so two nodes rotating at once make one key,
+and each writes the ring only over the ring it read: a process whose lock Redis lost
+(a restart without data) or let expire cannot write back a ring other nodes have
+replaced since (tests/integration/test_issuer_drill.py).
 The invariants (tests/unit/test_issuer_states.py holds them with a stateful test):
 
 1. There is always a key that may sign now, or the answer is a 503 with Retry-After.
@@ -48,7 +51,7 @@ The invariants (tests/unit/test_issuer_states.py holds them with a stateful test
    ``max-age`` already served (``min_publish_ahead``): a verifier holding a cached key
    set always knows the signing key. The one exception is a lost ring.
 3. A key that has signed stays published until its last token has expired, plus the
-   leeway.
+   leeway. Again the exception is a lost ring: its keys, and their tokens, are gone.
 """
 
 from __future__ import annotations
@@ -307,18 +310,16 @@ class Issuer:
             else publish_ahead_seconds
         )
         with self._locked():
-            try:
-                ring = self._load()
-            except KeyRingUnreadable:
-                if not at_once:
-                    raise
-                # The operator's explicit word that no node can open the ring: start
-                # a new one (tokens the lost keys signed stop verifying).
-                ring = []
+            read, sealed = self._read()
+            if read is None and not at_once:
+                raise KeyRingUnreadable()
+            # Unreadable with --now: the operator's explicit word that no node can open
+            # the ring; a new one replaces it (tokens the lost keys signed stop verifying).
+            ring = [] if read is None else read
             if _signer(ring, self._clock()) is None:
                 # Nothing signs yet, so no verifier can have cached a key set that
                 # misses the new key's predecessor: it signs at once (invariant 1).
-                return self._make_signer(ring)
+                return self._make_signer(ring, sealed)
             floor = self.min_publish_ahead()
             if at_once:
                 ahead = 0.0
@@ -328,7 +329,7 @@ class Issuer:
                     "cache the JWKS: the new key could sign before they know it (use at "
                     f"least {floor}, or --now for a leaked key)"
                 )
-            return self._rotate_locked(ring, ahead)
+            return self._rotate_locked(ring, ahead, sealed)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -353,11 +354,14 @@ class Issuer:
             return ring
         try:
             with self._locked():
-                ring = self._load()  # another process may have done it meanwhile
+                read, sealed = self._read()  # another process may have done it meanwhile
+                if read is None:
+                    raise KeyRingUnreadable()
+                ring = read
                 if _signer(ring, self._clock()) is None:
-                    self._make_signer(ring)
+                    self._make_signer(ring, sealed)
                 elif self._needs_change(ring):
-                    self._rotate_locked(ring, self._settings.publish_ahead_seconds)
+                    self._rotate_locked(ring, self._settings.publish_ahead_seconds, sealed)
                 return self._load()
         except KeyRingUnreadable:
             raise
@@ -377,7 +381,7 @@ class Issuer:
         newest = max(ring, key=lambda k: k.activates_at)
         return newest.activates_at + self._settings.rotate_after_seconds <= now
 
-    def _make_signer(self, ring: list[SigningKey]) -> SigningKey:
+    def _make_signer(self, ring: list[SigningKey], sealed: bytes | None) -> SigningKey:
         """A key that signs from now: the earliest next key brought forward, else new."""
         now = self._clock()
         kept = self._still_published(ring, now)
@@ -388,17 +392,23 @@ class Issuer:
         else:
             first = self._generate(activates_at=now)
             kept.append(first)
-        self._save(kept)
+        self._save(kept, replacing=sealed)
         return first
 
-    def _rotate_locked(self, ring: list[SigningKey], ahead: float) -> SigningKey:
+    def _rotate_locked(
+        self, ring: list[SigningKey], ahead: float, sealed: bytes | None
+    ) -> SigningKey:
+        made = self._generate(activates_at=0.0)
+        # Counted from after the key generation (an RSA key may take a while), just
+        # before the write: a JWKS served meanwhile, without the new key, may be cached
+        # for a full min_publish_ahead, and must expire before the new key signs.
         now = self._clock()
-        new = self._generate(activates_at=now + max(0.0, ahead))
+        new = replace(made, activates_at=now + max(0.0, ahead))
         kept = [
             _retired(k, at=new.activates_at) if k.retired_at is None else k
             for k in self._still_published(ring, now)
         ]
-        self._save([*kept, new])
+        self._save([*kept, new], replacing=sealed)
         return new
 
     def _generate(self, *, activates_at: float) -> SigningKey:
@@ -421,15 +431,23 @@ class Issuer:
         return _RingLock(self._store)
 
     def _load(self) -> list[SigningKey]:
-        doc = self._store.get_sealed(self._ring_key)
-        if doc is None:
-            if self._store.exists(self._ring_key):
-                raise KeyRingUnreadable()
-            return []
+        ring, _ = self._read()
+        if ring is None:
+            raise KeyRingUnreadable()
+        return ring
+
+    def _read(self) -> tuple[list[SigningKey] | None, bytes | None]:
+        """The ring (None: there is one this node cannot open) and its sealed bytes as
+        read (None: no ring), which ``_save`` writes over only if they are still there."""
+        found = self._store.read_sealed(self._ring_key)
+        if found is None:
+            return [], None
+        if found.value is None:  # sealed with other encryption keys, or damaged
+            return None, found.sealed
         try:
-            return [self._entry(entry) for entry in doc["keys"]]
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise KeyRingUnreadable() from exc
+            return [self._entry(entry) for entry in found.value["keys"]], found.sealed
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None, found.sealed
 
     def _entry(self, entry: Mapping[str, Any]) -> SigningKey:
         kid = str(entry["kid"])
@@ -449,7 +467,7 @@ class Issuer:
             retired_at=None if retired is None else float(retired),
         )
 
-    def _save(self, ring: list[SigningKey]) -> list[SigningKey]:
+    def _save(self, ring: list[SigningKey], *, replacing: bytes | None) -> list[SigningKey]:
         doc = {
             "keys": [
                 {
@@ -466,7 +484,14 @@ class Issuer:
         ttl = _RING_TTL_FACTOR * (
             self._settings.rotate_after_seconds + self._settings.publish_ahead_seconds
         )
-        self._store.set_sealed(self._ring_key, doc, ttl=ttl)
+        # Only over the ring this change was made from. The lock alone cannot promise
+        # it: a Redis that restarts without its data loses the lock with the ring, and
+        # a holder that read the old ring would write it back, unpublishing the key
+        # other nodes made and signed with since (and reviving the lost ones).
+        if not self._store.replace_sealed(self._ring_key, doc, ttl=ttl, expected=replacing):
+            raise DependencyUnavailable(
+                "the broker's signing keys changed while this process was changing them"
+            )
         return ring
 
 

@@ -172,6 +172,17 @@ return 1
 # Release the lock KEYS[1] if it still holds our token ARGV[1].
 _UNLOCK = _LUA_UNLOCK + "return unlock(KEYS[1], ARGV[1])\n"
 
+# Write ARGV[2] at KEYS[1] for ARGV[3] ms only while KEYS[1] still holds ARGV[1], the
+# sealed value the writer read ('' for none): a writer working from a stale read (its
+# lock lost with a Redis restart, or expired) never overwrites what was written since.
+_REPLACE = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
 # A token bucket in one hash: n = tokens left (fractional), t = when n was computed, in
 # ms by the Redis server's clock (TIME), so every broker process and node counts alike.
 # Reading TIME before a write needs script effects replication: the default since Redis
@@ -202,9 +213,10 @@ return taken
 
 @dataclass(frozen=True)
 class Found:
-    """A sealed value ``read_or_lock`` found: ``value`` opened (None when no key opens
-    it: tampered, or sealed with a retired key), and ``sealed`` as stored, to pass back
-    as ``unless`` when the caller cannot use it."""
+    """A sealed value ``read_or_lock`` or ``read_sealed`` found: ``value`` opened (None
+    when no key opens it: tampered, or sealed with a retired key), and ``sealed`` as
+    stored, to pass back as ``unless`` when the caller cannot use it, or as
+    ``replace_sealed``'s ``expected``."""
 
     value: Any | None
     sealed: bytes
@@ -560,6 +572,20 @@ class Store:
                 xx=only_if_exists,
             )
         )
+
+    @_guarded
+    def read_sealed(self, key: str) -> Found | None:
+        """The value at ``key`` with its sealed bytes; None when there is none."""
+        raw = self.client.get(key)
+        return None if raw is None else Found(value=self._open(key, raw), sealed=_bytes(raw))
+
+    @_guarded
+    def replace_sealed(self, key: str, value: Any, *, ttl: float, expected: bytes | None) -> bool:
+        """Seal and write, only if ``key`` still holds ``expected`` (``Found.sealed``
+        from ``read_sealed``; None: only if it holds nothing), in one step; False when
+        something else was written there since."""
+        sealed, ttl_ms = self._seal(key, value), _ttl_ms(ttl)
+        return bool(self.client.eval(_REPLACE, 1, key, expected or b"", sealed, ttl_ms))
 
     @_guarded
     def take_sealed(self, key: str) -> Any | None:

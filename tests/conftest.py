@@ -95,7 +95,9 @@ class LiveBroker:
         ).id_token
 
 
-def make_settings(stack: Stack, url: str, **overrides: Any) -> Settings:
+def config_for(stack: Stack, url: str, **overrides: Any) -> dict[str, Any]:
+    """The dev configuration for a broker at ``url``: a table in ``overrides`` updates
+    that section key by key, anything else replaces it."""
     config = stack.config(url)
     # A fresh key prefix per test keeps tests independent on the shared Redis.
     config["redis"]["key_prefix"] = f"test:{uuid.uuid4().hex[:8]}:"
@@ -104,6 +106,11 @@ def make_settings(stack: Stack, url: str, **overrides: Any) -> Settings:
             config[section].update(values)
         else:
             config[section] = values
+    return config
+
+
+def make_settings(stack: Stack, url: str, **overrides: Any) -> Settings:
+    config = config_for(stack, url, **overrides)
     return settings_from_mapping(config, env={}, base_dir=Path.cwd(), source="test")
 
 

@@ -67,8 +67,11 @@ def recorder(stack: Stack) -> LocalAWS:
     return LocalAWS(url=stack.moto.url, admin=cast(Any, None))
 
 
-def verify_as_iam(token: str, issuer: str, *, fetch_from: str | None = None) -> jwt.Token:
-    """Discovery, then JWKS, over HTTP; signature and claims checked by joserfc."""
+def fetch_published(
+    issuer: str, *, fetch_from: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The discovery document, then the JWKS it names, over HTTP, as IAM fetches them
+    (``fetch_from``: from that process instead of the public URL)."""
     base = fetch_from or issuer
     discovery = requests.get(f"{base}/.well-known/openid-configuration", timeout=10)
     assert discovery.status_code == 200
@@ -80,8 +83,23 @@ def verify_as_iam(token: str, issuer: str, *, fetch_from: str | None = None) -> 
     assert jwks.headers["Content-Type"].startswith("application/jwk-set+json")
     keys = jwks.json()
     assert all("d" not in k for k in keys["keys"])
-    decoded = jwt.decode(token, KeySet.import_key_set(keys), algorithms=["RS256", "ES256"])
+    return doc, keys
+
+
+def verify_as_iam(token: str, issuer: str, *, fetch_from: str | None = None) -> jwt.Token:
+    """Discovery, then JWKS, over HTTP; signature and claims checked by joserfc."""
+    doc, keys = fetch_published(issuer, fetch_from=fetch_from)
+    decoded = verify_signed(token, keys, issuer)
     assert decoded.header["alg"] in doc["id_token_signing_alg_values_supported"]
+    assert abs(decoded.claims["iat"] - time.time()) < 60
+    return decoded
+
+
+def verify_signed(token: str, keys: dict[str, Any], issuer: str) -> jwt.Token:
+    """joserfc checks the signature against the key set ``keys``, then the claims."""
+    decoded = jwt.decode(
+        token, KeySet.import_key_set(cast(Any, keys)), algorithms=["RS256", "ES256"]
+    )
     jwt.JWTClaimsRegistry(
         leeway=0,
         iss={"essential": True, "value": issuer},
@@ -92,7 +110,6 @@ def verify_as_iam(token: str, issuer: str, *, fetch_from: str | None = None) -> 
     ).validate(decoded.claims)
     claims = decoded.claims
     assert 0 < claims["exp"] - claims["iat"] <= 300
-    assert abs(claims["iat"] - time.time()) < 60
     return decoded
 
 

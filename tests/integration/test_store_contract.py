@@ -49,6 +49,23 @@ def test_sealed_writes_honour_nx_and_xx_and_take_is_one_time(store: Store) -> No
     assert store.take_sealed(key) is None
 
 
+def test_a_sealed_value_is_replaced_only_over_what_was_read(store: Store) -> None:
+    key = store.key("ring")
+    assert store.read_sealed(key) is None
+    assert store.replace_sealed(key, {"v": 1}, ttl=60, expected=None) is True
+    assert store.replace_sealed(key, {"v": 9}, ttl=60, expected=None) is False
+    first = store.read_sealed(key)
+    assert first is not None
+    assert first.value == {"v": 1}
+    assert store.replace_sealed(key, {"v": 2}, ttl=60, expected=first.sealed) is True
+    # A writer still holding the first read (its lock lost, say) writes nothing.
+    assert store.replace_sealed(key, {"v": 9}, ttl=60, expected=first.sealed) is False
+    assert store.get_sealed(key) == {"v": 2}
+    store.delete(key)
+    assert store.replace_sealed(key, {"v": 9}, ttl=60, expected=first.sealed) is False
+    assert store.read_sealed(key) is None
+
+
 def test_a_sealed_value_does_not_open_under_another_key(store: Store) -> None:
     store.set_sealed(store.key("a"), {"x": 1}, ttl=60)
     sealed = store.client.get(store.key("a"))
