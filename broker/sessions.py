@@ -97,6 +97,9 @@ MAX_PENDING_LOGINS = 5
 # Separates binding values in the login cookie; never part of a token_urlsafe value.
 _BINDING_SEPARATOR = "."
 
+# What a request that needs a session hears without one, wherever it comes in.
+SIGNED_OUT = "you are not signed in, or your session has ended; sign in again"
+
 
 @dataclass(frozen=True, kw_only=True)
 class WebSession:
@@ -331,7 +334,7 @@ class WebSSO:
         ) as acquired:
             current = sessions.load(ws.session_id)
             if current is None:
-                raise errors.Unauthenticated("your session has ended; sign in again")
+                raise errors.Unauthenticated(SIGNED_OUT)
             if not current.token_expired(self.clock()):
                 return current  # another request refreshed it while we waited
             if not acquired or not current.refresh_token:
@@ -359,7 +362,7 @@ class WebSSO:
                 refresh_token=tokens.refresh_token,
             )
             if not sessions.save(renewed):
-                raise errors.Unauthenticated("your session has ended; sign in again")
+                raise errors.Unauthenticated(SIGNED_OUT)
             log.info("refreshed the upstream token of a %s session", current.provider)
             return renewed
 
@@ -469,6 +472,23 @@ def broker_token_suffices(ws: WebSession) -> bool:
 
 def _identity_id(ws: WebSession) -> str:
     return web_sso().services.identity_ids.derive(ws.provider, ws.subject)
+
+
+def require_session() -> WebSession:
+    """The current request's session, or ``Unauthenticated`` (401), with one message
+    for the one condition on every route."""
+    ws = load_session()
+    if ws is None:
+        raise errors.Unauthenticated(SIGNED_OUT)
+    return ws
+
+
+def require_session_and_csrf(submitted: str | None) -> WebSession:
+    """``require_session``, then ``check_csrf``: the guard of every state-changing
+    request a signed-in browser makes."""
+    ws = require_session()
+    check_csrf(ws, submitted)
+    return ws
 
 
 def check_csrf(ws: WebSession, submitted: str | None) -> None:

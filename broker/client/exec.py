@@ -10,7 +10,6 @@ long-running child keeps getting fresh credentials.
 from __future__ import annotations
 
 import configparser
-import hmac
 import json
 import os
 import secrets
@@ -26,6 +25,7 @@ from broker.client.aws_config import config_path
 from broker.client.credentials import CredentialSource
 from broker.client.errors import CLIError
 from broker.errors import UNAVAILABLE_RETRY_AFTER
+from broker.guards import same_secret
 
 # Variables that would make the child's SDK pick other credentials before ours.
 _SHADOWING = (
@@ -59,8 +59,8 @@ def container_answer(process: Mapping[str, Any], role_arn: str | None) -> dict[s
 def serve(source: CredentialSource, token: str) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            given = self.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), token.encode()):
+            # The SDKs send AWS_CONTAINER_AUTHORIZATION_TOKEN as the whole header value.
+            if not same_secret(self.headers.get("Authorization"), token):
                 self._json(401, {"error": "unauthenticated", "message": "wrong token"})
                 return
             try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import requests
 
 from broker.client import files
 from broker.client.errors import CLIError
+from broker.guards import is_loopback_host
 
 BROKER_URL_ENV = "BROKER_URL"
 # Every call to the broker has a deadline: an AWS command waiting on credential_process
@@ -38,21 +38,12 @@ def broker_url(value: str | None) -> str:
     parts = urlsplit(url)
     if parts.scheme not in {"http", "https"} or not parts.netloc or parts.query:
         raise CLIError(f"--broker must be the broker's http(s) URL, got {url!r}", status=2)
-    if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         # The session secret and AWS keys would cross the network in the clear.
         raise CLIError(
             f"--broker must use https (plain http only for this machine): {url}", status=2
         )
     return url
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class BrokerClient:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 from collections.abc import Mapping
@@ -12,8 +10,10 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from broker.errors import BadRequest, BrokerError, InvalidToken, NotFound, Unauthenticated
+from broker.errors import BadRequest, BrokerError, InvalidToken
+from broker.guards import bearer_token
 from broker.services import Issued, Services, current_services
+from broker.web.guards import require_bearer
 from broker.web.security_headers import no_store
 
 audit_log = logging.getLogger("broker.audit")
@@ -141,10 +141,8 @@ def _container_token() -> str:
     """The provider token from ``Authorization``, as the AWS SDKs send
     ``AWS_CONTAINER_AUTHORIZATION_TOKEN`` (the raw value); ``Bearer TOKEN`` works too."""
     value = request.headers.get("Authorization", "").strip()
-    scheme, _, rest = value.partition(" ")
-    if scheme.lower() == "bearer":
-        value = rest.strip()
-    if not value:
+    value = bearer_token(value) or value
+    if not value or value.lower() == "bearer":
         raise InvalidToken(
             "send the provider token in the Authorization header "
             "(AWS_CONTAINER_AUTHORIZATION_TOKEN or _TOKEN_FILE)"
@@ -216,22 +214,9 @@ def roles() -> Response:
 
 
 def require_admin() -> None:
-    """The operator endpoints answer only to ``admin.token`` as a Bearer token.
-
-    Off (404, as if absent) when no token is configured, so a broker that never set one
-    shows nothing of its rules. The comparison is constant-time over digests, so neither
-    the token's content nor its length leaks through timing.
-    """
-    expected = current_services().settings.admin.token
-    if expected is None:
-        raise NotFound()
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    ok = hmac.compare_digest(
-        hashlib.sha256(given.strip().encode()).digest(),
-        hashlib.sha256(expected.encode()).digest(),
-    )
-    if scheme.lower() != "bearer" or not ok:
-        raise Unauthenticated("send the admin token as Authorization: Bearer <token>")
+    """The operator endpoints answer only to ``admin.token``; off (404, as if absent)
+    when none is configured, so a broker that never set one shows nothing of its rules."""
+    require_bearer(current_services().settings.admin.token, what="admin token")
 
 
 @blueprint.post("/explain")

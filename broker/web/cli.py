@@ -46,10 +46,17 @@ from broker.cli_auth import (
     format_user_code,
     normalize_user_code,
 )
+from broker.guards import bearer_token
 from broker.identity import Identity
 from broker.safe_redirect import safe_next
 from broker.services import current_services
-from broker.sessions import WebSession, check_csrf, load_session, session_identity, web_sso
+from broker.sessions import (
+    WebSession,
+    load_session,
+    require_session_and_csrf,
+    session_identity,
+    web_sso,
+)
 from broker.sts import iso_utc
 from broker.web.api import issued_json, json_body, require_admin
 from broker.web.security_headers import content_security_policy, no_store
@@ -171,10 +178,7 @@ def authorize_answer() -> Response:
     redirect_uri = check_loopback_redirect(form.get("redirect_uri"))
     challenge = check_challenge(form.get("code_challenge"), form.get("code_challenge_method"))
     state = check_state(form.get("state"))
-    ws = load_session()
-    if ws is None:
-        raise errors.Unauthenticated("your session has ended; sign in again")
-    check_csrf(ws, form.get("csrf_token"))
+    ws = require_session_and_csrf(form.get("csrf_token"))
     if form.get("decision") != "approve":
         query = urlencode({"error": "access_denied", "state": state})
         return redirect(f"{redirect_uri}?{query}", 303)
@@ -205,10 +209,7 @@ def device_page() -> Response:
 
 @blueprint.post("/device")
 def device_answer() -> Response:
-    ws = load_session()
-    if ws is None:
-        raise errors.Unauthenticated("your session has ended; sign in again")
-    check_csrf(ws, request.form.get("csrf_token"))
+    ws = require_session_and_csrf(request.form.get("csrf_token"))
     approve = request.form.get("decision") == "approve"
     cli_auth().decide_device(ws, user_code=request.form.get("user_code", ""), approve=approve)
     done = "approved" if approve else "denied"
@@ -290,12 +291,12 @@ def token() -> Response:
 
 
 def _bearer_session() -> WebSession:
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
+    token = bearer_token(request.headers.get("Authorization"))
+    if token is None:
         raise errors.Unauthenticated(
             "send the CLI session as 'Authorization: Bearer ...'; sign in with broker login"
         )
-    ws = cli_auth().sessions.load(value.strip())
+    ws = cli_auth().sessions.load(token)
     if ws is None:
         raise errors.Unauthenticated(
             "this CLI session has ended or was revoked; sign in again with broker login"

@@ -22,16 +22,16 @@ with ``Authorization: Bearer <token>`` (401 otherwise).
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Mapping
 
-from flask import Blueprint, Response, abort, jsonify, request
+from flask import Blueprint, Response, jsonify
 
 from broker import metrics
-from broker.errors import DependencyUnavailable, StoreUnavailable, Unauthenticated
+from broker.errors import DependencyUnavailable, StoreUnavailable
 from broker.jwks import DocumentState
 from broker.services import current_services
 from broker.web.errors import error_response
+from broker.web.guards import require_bearer
 
 blueprint = Blueprint("health", __name__)
 
@@ -88,13 +88,7 @@ def readyz() -> Response:
 
 @blueprint.get("/metrics")
 def metrics_endpoint() -> Response:
-    token = current_services().settings.metrics.token
-    if token is None:
-        abort(404)  # the same answer as any unknown path: no hint that it could exist
-    scheme, _, offered = request.headers.get("Authorization", "").partition(" ")
-    # Constant time, so the token cannot be found a character at a time.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(offered.encode(), token.encode()):
-        raise Unauthenticated("send the metrics token as Authorization: Bearer <token>")
+    require_bearer(current_services().settings.metrics.token, what="metrics token")
     body, content_type = metrics.exposition()
     response = Response(body, content_type=content_type)
     response.headers["Cache-Control"] = "no-store"

@@ -49,6 +49,7 @@ from werkzeug.wrappers import Response
 
 from broker import errors
 from broker.errors import BrokerError
+from broker.guards import is_loopback_host
 from broker.oauth_flow import callback_error
 from broker.safe_redirect import safe_next
 from broker.services import Issued, current_services
@@ -64,6 +65,8 @@ from broker.sessions import (
     load_session,
     login_bindings,
     new_login_binding,
+    require_session,
+    require_session_and_csrf,
     session_ended,
     session_identity,
     set_login_binding,
@@ -407,10 +410,7 @@ def credentials_form() -> Response:
 
 @blueprint.post("/credentials")
 def credentials_page() -> Response:
-    ws = load_session()
-    if ws is None:
-        raise errors.Unauthenticated("your session has ended; sign in again")
-    check_csrf(ws, request.form.get("csrf_token"))
+    ws = require_session_and_csrf(request.form.get("csrf_token"))
     identity = session_identity(ws)
     ws = load_session() or ws  # as renewed by session_identity, if its token had expired
     services = current_services()
@@ -442,9 +442,7 @@ def credentials_page() -> Response:
 
 @blueprint.get("/v1/session")
 def session_json() -> Response:
-    ws = load_session()
-    if ws is None:
-        raise errors.Unauthenticated("no session; sign in at /login")
+    ws = require_session()
     roles, denied = _roles(ws)
     view = identity_view(ws)
     return jsonify(
@@ -467,10 +465,7 @@ def session_json() -> Response:
 
 @blueprint.post("/v1/session/credentials")
 def session_credentials() -> Response:
-    ws = load_session()
-    if ws is None:
-        raise errors.Unauthenticated("no session; sign in at /login")
-    check_csrf(ws, request.headers.get("X-CSRF-Token"))
+    ws = require_session_and_csrf(request.headers.get("X-CSRF-Token"))
     body = json_body({"role_arn": str, "duration_seconds": int}, required=())
     identity = session_identity(ws)
     issued = current_services().issue(
@@ -485,11 +480,6 @@ def session_credentials() -> Response:
 def _profile_name(role_arn: str) -> str:
     name = role_arn.rsplit("/", 1)[-1]
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "broker"
-
-
-def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    return host in {"localhost", "127.0.0.1", "::1"}
 
 
 def snippets(
@@ -515,7 +505,9 @@ def snippets(
     ]
     # The dev stack's STS is moto on localhost: credentials only work against it, so
     # say so in the snippets. Never for a real endpoint (it would redirect every service).
-    endpoint = sts_endpoint if sts_endpoint and _is_loopback(sts_endpoint) else None
+    endpoint = (
+        sts_endpoint if sts_endpoint and is_loopback_host(urlsplit(sts_endpoint).hostname) else None
+    )
     sh = [f"export {k}={shlex.quote(v)}" for k, v in pairs]
     ps = [f"$Env:{k} = '{v.replace(chr(39), chr(39) * 2)}'" for k, v in pairs]
     profile_name = _profile_name(issued.grant.role_arn)
