@@ -205,10 +205,6 @@ def evaluate_rule(rule: RuleSettings, identity: Identity) -> RuleOutcome:
     return RuleOutcome(rule=rule, checks=tuple(checks))
 
 
-def rule_matches(rule: RuleSettings, identity: Identity) -> bool:
-    return evaluate_rule(rule, identity).matched
-
-
 def evaluate(rules: Sequence[RuleSettings], identity: Identity) -> Iterator[RuleOutcome]:
     """Each rule's outcome, in order (the caller stops at the first match)."""
     for rule in rules:
@@ -268,18 +264,6 @@ def matching_rule(
     raise errors.NoMatchingRule(
         f"no role rule matches this identity from provider {identity.provider!r}"
     )
-
-
-def allowed_roles(
-    rules: Sequence[RuleSettings],
-    identity: Identity,
-    *,
-    explain_denials: bool = False,
-    provider_label: str | None = None,
-) -> tuple[str, ...]:
-    return matching_rule(
-        rules, identity, explain_denials=explain_denials, provider_label=provider_label
-    ).roles
 
 
 def _duration(rule: RuleSettings, requested: int | None) -> int:

@@ -4,6 +4,7 @@ hypothesis profiles the property-based (fuzz) tests run under."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import uuid
@@ -114,6 +115,7 @@ def make_settings(stack: Stack, url: str, **overrides: Any) -> Settings:
     return settings_from_mapping(config, env={}, base_dir=Path.cwd(), source="test")
 
 
+@contextlib.contextmanager
 def serve(settings: Settings, stack: Stack, port: int) -> Iterator[LiveBroker]:
     services = Services.build(settings)
     app = create_app(services=services)
@@ -134,4 +136,5 @@ def serve(settings: Settings, stack: Stack, port: int) -> Iterator[LiveBroker]:
 @pytest.fixture
 def broker(stack: Stack) -> Iterator[LiveBroker]:
     port = free_port()
-    yield from serve(make_settings(stack, f"http://127.0.0.1:{port}"), stack, port)
+    with serve(make_settings(stack, f"http://127.0.0.1:{port}"), stack, port) as live:
+        yield live

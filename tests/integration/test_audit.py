@@ -54,7 +54,8 @@ def settings_for(stack: Stack, url: str, **sections: dict[str, Any]) -> Settings
 
 def live(stack: Stack, **sections: dict[str, Any]) -> Iterator[LiveBroker]:
     port = free_port()
-    yield from serve(settings_for(stack, f"http://127.0.0.1:{port}", **sections), stack, port)
+    with serve(settings_for(stack, f"http://127.0.0.1:{port}", **sections), stack, port) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -40,7 +41,8 @@ HIDDEN = re.compile(r'<input type="hidden" name="([^"]+)" value="([^"]*)">')
 def cli_broker(stack: Stack) -> Iterator[LiveBroker]:
     port = free_port()
     settings = make_settings(stack, f"http://127.0.0.1:{port}", cli={"device_poll_seconds": 1})
-    yield from serve(settings, stack, port)
+    with serve(settings, stack, port) as live:
+        yield live
 
 
 @pytest.fixture
@@ -148,10 +150,11 @@ def test_login_configure_and_the_aws_cli_just_work(
 
     who = aws(env, cli_broker, "sts", "get-caller-identity", "--profile", "work")
     assert "assumed-role/BrokerDemoAdmin/alice@example.com" in who["Arn"]
-    listing = aws(
-        env, cli_broker, "s3api", "list-objects-v2", "--bucket", DEMO_BUCKET, "--profile", "work"
-    )
-    assert "Contents" in listing or listing.get("KeyCount", 0) == 0
+    key = f"cli-check-{secrets.token_hex(4)}.txt"
+    bucket = ("--bucket", DEMO_BUCKET, "--profile", "work")
+    aws(env, cli_broker, "s3api", "put-object", *bucket, "--key", key)
+    listing = aws(env, cli_broker, "s3api", "list-objects-v2", *bucket)
+    assert key in {item["Key"] for item in listing["Contents"]}
 
 
 def test_credential_process_caches_renews_and_explains(
@@ -487,7 +490,8 @@ ADMIN_TOKEN = "operator-" + "x" * 40
 def admin_broker(stack: Stack) -> Iterator[LiveBroker]:
     port = free_port()
     settings = make_settings(stack, f"http://127.0.0.1:{port}", admin={"token": ADMIN_TOKEN})
-    yield from serve(settings, stack, port)
+    with serve(settings, stack, port) as live:
+        yield live
 
 
 def test_an_operator_revokes_every_cli_session_of_an_identity(

@@ -130,7 +130,8 @@ def test_content_types_are_judged_alike_either_way(
 def behind_proxy(stack: Stack) -> Iterator[LiveBroker]:
     port = free_port()
     settings = make_settings(stack, f"http://127.0.0.1:{port}", server={"trusted_proxies": 1})
-    yield from serve(settings, stack, port)
+    with serve(settings, stack, port) as live:
+        yield live
 
 
 @pytest.mark.parametrize("proto", ["https", "http"])

@@ -3,6 +3,7 @@ against a live broker on the real dev stack."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -24,17 +25,14 @@ CREDENTIALS = "/v1/credentials"
 
 @pytest.fixture
 def start(stack: Stack) -> Iterator[Callable[..., LiveBroker]]:
-    running: list[Iterator[LiveBroker]] = []
+    with contextlib.ExitStack() as running:
 
-    def start_broker(**overrides: Any) -> LiveBroker:
-        port = free_port()
-        server = serve(make_settings(stack, f"http://127.0.0.1:{port}", **overrides), stack, port)
-        running.append(server)
-        return next(server)
+        def start_broker(**overrides: Any) -> LiveBroker:
+            port = free_port()
+            settings = make_settings(stack, f"http://127.0.0.1:{port}", **overrides)
+            return running.enter_context(serve(settings, stack, port))
 
-    yield start_broker
-    for server in running:
-        next(server, None)  # runs the generator's clean-up
+        yield start_broker
 
 
 def _body(broker: LiveBroker, user: str = "alice") -> bytes:
@@ -208,17 +206,15 @@ def test_a_replay_fails_closed_when_redis_cannot_count_it(
         f"http://127.0.0.1:{port}",
         redis={"url": f"redis://127.0.0.1:{own_redis.port}/0", "socket_timeout_seconds": 1},
     )
-    server = serve(settings, stack, port)
-    broker = next(server)
     try:
-        body = _body(broker)
-        assert _post(broker, body).status_code == 200
-        own_redis.stop()
+        with serve(settings, stack, port) as broker:
+            body = _body(broker)
+            assert _post(broker, body).status_code == 200
+            own_redis.stop()
 
-        refused = _post(broker, body)
+            refused = _post(broker, body)
 
-        assert refused.status_code == 503
-        assert refused.json()["error"] == "dependency_unavailable"
+            assert refused.status_code == 503
+            assert refused.json()["error"] == "dependency_unavailable"
     finally:
-        next(server, None)
         own_redis.stop()

@@ -68,7 +68,8 @@ def client(stack: Stack) -> Iterator[FlaskClient]:
 @pytest.fixture(scope="module")
 def live(stack: Stack) -> Iterator[LiveBroker]:
     port = free_port()
-    yield from serve(make_settings(stack, f"http://127.0.0.1:{port}", **NO_LIMITS), stack, port)
+    with serve(make_settings(stack, f"http://127.0.0.1:{port}", **NO_LIMITS), stack, port) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

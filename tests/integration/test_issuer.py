@@ -297,7 +297,7 @@ def test_web_session_with_the_broker_token_outlives_the_provider_token(
         rules=[abac_rule()],
         rate_limit={"per_ip_per_minute": 0, "per_identity_per_minute": 0},
     )
-    for live in serve(settings, stack, port):
+    with serve(settings, stack, port) as live:
         web = WebClient(live)
         web.login("alice")
         session_id = web.session_id()

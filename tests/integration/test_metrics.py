@@ -255,7 +255,7 @@ def test_readyz_names_redis_when_its_server_is_killed(stack: Stack, tmp_path: Pa
             url=f"redis://127.0.0.1:{redis_proc.port}/0", socket_timeout_seconds=0.5
         )
         settings = settings_from_mapping(config, env={}, base_dir=Path.cwd(), source="test")
-        for live in serve(settings, stack, port):
+        with serve(settings, stack, port) as live:
             ready = requests.get(f"{live.url}/readyz", timeout=10)
             assert ready.status_code == 200, ready.text
             assert ready.json()["redis"] == "ok"
@@ -337,7 +337,7 @@ def test_readyz_names_a_provider_whose_keys_cannot_be_had(
     config["redis"]["key_prefix"] = f"test:{uuid.uuid4().hex[:8]}:"
     config["providers"]["broken"] = {**BROKEN, "jwks_url": failing_jwks.url}
     settings = settings_from_mapping(config, env={}, base_dir=Path.cwd(), source="test")
-    for live in serve(settings, stack, port):
+    with serve(settings, stack, port) as live:
         response = poll_readyz(
             live.url,
             lambda body: (
@@ -378,7 +378,7 @@ def test_readyz_is_unavailable_when_no_provider_works(
     for rule in config["rules"]:
         rule["providers"] = ["broken"]
     settings = settings_from_mapping(config, env={}, base_dir=Path.cwd(), source="test")
-    for live in serve(settings, stack, port):
+    with serve(settings, stack, port) as live:
         response = poll_readyz(
             live.url, lambda body: body["providers"]["broken"].startswith("unavailable")
         )

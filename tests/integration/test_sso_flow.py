@@ -162,7 +162,8 @@ def shared_broker(stack: Stack, redis_target: RedisTarget) -> Iterator[LiveBroke
         rate_limit={"per_ip_per_minute": 0, "per_identity_per_minute": 0},
         redis=redis_target.section,
     )
-    yield from serve(settings, stack, port)
+    with serve(settings, stack, port) as live:
+        yield live
     gc.collect()  # see tests.redis_ha.close_clients
 
 
@@ -468,7 +469,7 @@ def test_state_for_another_provider_is_refused(stack: Stack) -> None:
         "client_secret": "demo-client-secret",
     }
     settings = make_settings(stack, f"http://127.0.0.1:{port}", providers={"twin": twin})
-    for broker in serve(settings, stack, port):
+    with serve(settings, stack, port) as broker:
         web = WebClient(broker)
         callback = web.authorize(web.start("demo"), demo_sub("alice"))
         r = web.get(callback.replace("/callback/demo", "/callback/twin"))
@@ -795,7 +796,8 @@ def social_broker(stack: Stack, social: SocialServers) -> Iterator[LiveBroker]:
         rules=[SOCIAL_RULE],
         rate_limit={"per_ip_per_minute": 0, "per_identity_per_minute": 0},
     )
-    yield from serve(settings, stack, port)
+    with serve(settings, stack, port) as live:
+        yield live
 
 
 @pytest.fixture
@@ -864,7 +866,7 @@ def test_an_unreachable_token_endpoint_logs_no_secret(
         rate_limit={"per_ip_per_minute": 0, "per_identity_per_minute": 0},
     )
     caplog.set_level(logging.DEBUG)
-    for broker in serve(settings, stack, port):
+    with serve(settings, stack, port) as broker:
         web = WebClient(broker)
         authorize = web.start("facebook")
         r = web.http.get(f"{authorize}&user=alice", allow_redirects=False, timeout=TIMEOUT)
@@ -917,7 +919,7 @@ def test_console_button_uses_the_session(stack: Stack) -> None:
         settings = make_settings(
             stack, f"http://127.0.0.1:{port}", console={"federation_url": federation.url}
         )
-        for broker in serve(settings, stack, port):
+        with serve(settings, stack, port) as broker:
             web = WebClient(broker)
             r = web.post("/console", data={"role_arn": USER_ROLE})
             assert r.status_code == 303

@@ -81,7 +81,8 @@ def _settings_for(stack: Stack, port: int, idp: ManagedProcess, **overrides: Any
 @pytest.fixture(scope="module")
 def mixup_broker(stack: Stack, strict_idp: ManagedProcess) -> Iterator[LiveBroker]:
     port = free_port()
-    yield from serve(_settings_for(stack, port, strict_idp), stack, port)
+    with serve(_settings_for(stack, port, strict_idp), stack, port) as live:
+        yield live
 
 
 @pytest.fixture
@@ -257,7 +258,8 @@ def social_broker(stack: Stack, social: SocialServers) -> Iterator[LiveBroker]:
         rules=[SOCIAL_RULE],
         rate_limit={"per_ip_per_minute": 0, "per_identity_per_minute": 0},
     )
-    yield from serve(settings, stack, port)
+    with serve(settings, stack, port) as live:
+        yield live
 
 
 TOKEN_PATHS = {"amazon": "/auth/o2/token", "facebook": "/oauth/access_token"}
@@ -401,7 +403,7 @@ def test_secure_cookies_go_out_under_host_names(
     port = free_port()
     web_settings = {"cookie_secure": True, "session_cookie": configured}
     settings = _settings_for(stack, port, strict_idp, web=web_settings)
-    for broker in serve(settings, stack, port):
+    with serve(settings, stack, port) as broker:
         http = requests.Session()
         start = http.get(f"{broker.url}/login/{STRICT}", allow_redirects=False, timeout=TIMEOUT)
         cookies = cookie_map(start)

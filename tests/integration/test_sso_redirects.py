@@ -109,7 +109,8 @@ def module_broker(stack: Stack) -> Iterator[LiveBroker]:
         f"http://127.0.0.1:{port}",
         rate_limit={"per_ip_per_minute": 0, "per_identity_per_minute": 0},
     )
-    yield from serve(settings, stack, port)
+    with serve(settings, stack, port) as live:
+        yield live
 
 
 def test_the_table_is_big_enough() -> None:

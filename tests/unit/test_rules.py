@@ -11,7 +11,7 @@ import pytest
 
 from broker import errors
 from broker.identity import Identity, IdentityIds, VerifiedClaims, VerifiedToken
-from broker.rules import Grant, allowed_roles, decide, matching_rule
+from broker.rules import Grant, decide, matching_rule
 from broker.settings import Condition, RuleSettings
 
 IDS = IdentityIds(key=b"k" * 32, region="us-east-1")
@@ -367,10 +367,10 @@ def test_requirements_fall_through_to_later_rules() -> None:
 ALICE = identity({"email": "alice@example.com"}, subject="alice-1")
 
 
-def test_allowed_roles_are_the_matching_rules_roles() -> None:
-    assert allowed_roles([rule()], ALICE) == (DEV, READ)
+def test_the_matching_rule_offers_its_roles() -> None:
+    assert matching_rule([rule()], ALICE).roles == (DEV, READ)
     with pytest.raises(errors.NoMatchingRule):
-        allowed_roles([rule(providers=("google",))], ALICE)
+        matching_rule([rule(providers=("google",))], ALICE)
 
 
 def test_decide_defaults() -> None:
