@@ -243,10 +243,9 @@ def render(template: Mapping[str, Any], identity: Identity) -> str:
         # check_template refuses non-JSON values at load time: reaching here is a bug.
         raise errors.ServerError("the session policy template is not JSON") from None
     if len(text) > STS_MAX_INLINE_POLICY_CHARS:
-        # Checked here, before any STS call, so the operator sees which limit was hit
-        # instead of an opaque PackedPolicyTooLarge from STS. 403 like a value that
-        # cannot be scoped: this identity's values make the policy too long for STS.
-        raise errors.AccessDenied(
+        # check_policy_template sized the template with the longest values any
+        # identity may bring, so no identity gets here: reaching here is a bug.
+        raise errors.ServerError(
             f"the session policy for this identity is {len(text)} characters; "
             f"STS accepts at most {STS_MAX_INLINE_POLICY_CHARS}"
         )

@@ -284,10 +284,11 @@ def test_policy_at_the_limit_renders() -> None:
     assert len(render(padded(STS_MAX_INLINE_POLICY_CHARS), identity())) == 2048
 
 
-def test_oversize_policy_is_refused_for_the_identity() -> None:
-    with pytest.raises(errors.AccessDenied) as caught:
+def test_oversize_policy_is_refused_before_sts() -> None:
+    # The load-time check refuses such templates; this is render's backstop.
+    with pytest.raises(errors.ServerError) as caught:
         render(padded(STS_MAX_INLINE_POLICY_CHARS + 1), identity())
-    assert caught.value.status == 403
+    assert caught.value.code == "internal_error"
     assert "2049" in caught.value.message
     assert "2048" in caught.value.message
 
@@ -297,7 +298,7 @@ def test_policy_that_outgrows_the_limit_with_long_values() -> None:
     short = identity({"email": "a@b.c"})
     long = identity({"email": "a" * 50 + "@example.com"})
     assert len(render(template, short)) < 2048
-    with pytest.raises(errors.AccessDenied):
+    with pytest.raises(errors.ServerError):
         render(template, long)
     # ...which the load-time check foresaw.
     assert any("2048" in p for p in check_template(replace(RULE, session_policy=template)))
