@@ -239,7 +239,7 @@ def test_a_live_broker_follows_a_sentinel_failover_under_load(
         # Every request asks Redis: no worker memory, no replay answers.
         cache={"local_seconds": 0, "replay": False},
     )
-    with contextlib.contextmanager(serve)(settings, stack, port) as live:
+    with serve(settings, stack, port) as live:
         sessions = _sessions(live, 20)
         with redis.Redis(port=group.master.port, socket_timeout=5) as master:
             # Every session has reached the replica before the master dies.

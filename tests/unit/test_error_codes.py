@@ -79,14 +79,16 @@ def _literal_codes() -> Iterator[tuple[str, int, str]]:
     source = ast.parse(Path(client_exec.__file__).read_text())
     for node in ast.walk(source):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "_json":
-            status, body = node.args
-            assert isinstance(status, ast.Constant)
+            status_node, body = node.args
+            assert isinstance(status_node, ast.Constant)
+            assert isinstance(status_node.value, int)
             if not isinstance(body, ast.Dict):
                 continue  # the credentials themselves
             for key, value in zip(body.keys, body.values, strict=True):
                 if isinstance(key, ast.Constant) and key.value == "error":
                     assert isinstance(value, ast.Constant)
-                    yield value.value, status.value, "client.exec"
+                    assert isinstance(value.value, str)
+                    yield value.value, status_node.value, "client.exec"
 
 
 def test_every_class_is_in_its_table_with_its_status() -> None:
@@ -202,13 +204,9 @@ def five_hundred_sites(source: str) -> Iterator[tuple[str, int, str]]:
         return ".".join(reversed(names))
 
     for node in ast.walk(tree):
-        name = (
-            node.id
-            if isinstance(node, ast.Name)
-            else node.attr
-            if isinstance(node, ast.Attribute)
-            else None
-        )
+        if not isinstance(node, ast.Name | ast.Attribute):
+            continue
+        name = node.id if isinstance(node, ast.Name) else node.attr
         if name in FIVE_HUNDREDS and not _harmless(node, parents):
             yield qualname(node), node.lineno, name
 
