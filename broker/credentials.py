@@ -24,7 +24,10 @@ Redis round trips:
 
 If STS fails, the leader writes the failure into the entry for a few seconds before it
 releases the lock: followers and new callers read it with their next read-or-lock and
-answer 503 at once rather than call STS one after another. The entry, its lock and the
+answer 503 at once rather than call STS one after another. When the entry it was
+refilling still holds valid credentials (too short-lived only for callers that need
+more time left), those stay for callers that need less, and the failure is held beside
+them. The entry, its lock and the
 identity's index share the identity's hash tag, so each script runs on Redis Cluster.
 
 Credentials STS has minted reach the caller even when Redis fails before they are
@@ -38,7 +41,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from datetime import datetime
 from typing import Any
@@ -137,7 +140,7 @@ class CredentialService:
         started = time.monotonic()
         deadline = started + self._settings.lock_wait_seconds
         poll = _POLL_FIRST_SECONDS
-        unusable: bytes | None = None  # an entry read already, which this caller cannot use
+        unusable: Found | None = None  # an entry read already, which this caller cannot use
         first = True
         waited = False  # counted as a singleflight wait once it lost the lock a first time
         while True:
@@ -146,7 +149,7 @@ class CredentialService:
                 lock=lock,
                 token=token,
                 timeout=self._settings.lock_timeout_seconds,
-                unless=unusable,
+                unless=None if unusable is None else unusable.sealed,
             )
             # Raises the failure hold (a 503) for leader and followers alike.
             cached = self._usable(key, found.value, min_left) if isinstance(found, Found) else None
@@ -160,12 +163,12 @@ class CredentialService:
             if isinstance(found, Found):
                 # Too close to expiry for this caller, or unreadable: ask again at once,
                 # to take the lock and replace it (or get whatever replaced it meanwhile).
-                unusable = found.sealed
+                unusable = found
                 continue
             if found:
                 if waited:
                     metrics.singleflight_wait("took_over", time.monotonic() - started)
-                return self._fill(identity, grant, key, lock, token)
+                return self._fill(identity, grant, key, lock, token, stale=unusable)
             # Another request holds the lock. Polling, rather than queueing every
             # follower through the lock, returns as soon as the leader fills the entry.
             waited = True
@@ -188,15 +191,24 @@ class CredentialService:
                 return cached
 
     def _fill(
-        self, identity: Identity, grant: Grant, key: str, lock: str, token: str
+        self,
+        identity: Identity,
+        grant: Grant,
+        key: str,
+        lock: str,
+        token: str,
+        *,
+        stale: Found | None,
     ) -> IssuedCredentials:
         """As the lock's holder: credentials from STS, then the entry stored, indexed
-        and the lock released in one round trip."""
+        and the lock released in one round trip. ``stale`` is the entry this caller
+        found too short-lived, which it replaces."""
         try:
             issued = self._assume(identity, grant)
         except BaseException as exc:
             if isinstance(exc, ServerError):
-                self._note_failure(key, exc)  # before the release: no follower misses it
+                # Before the release: no follower misses it.
+                self._note_failure(key, exc, stale)
             self._store.unlock(lock, token=token)
             raise
         ttl = self._remaining(issued)
@@ -219,21 +231,43 @@ class CredentialService:
             )
         return issued
 
-    def _note_failure(self, key: str, exc: ServerError) -> None:
+    def _note_failure(self, key: str, exc: ServerError, stale: Found | None) -> None:
         """Tell every process that STS just failed for these credentials: the cache
         entry holds the failure for the error's Retry-After (at most
         ``FAILURE_HOLD_SECONDS``), so followers waiting on the leader and callers
         arriving meanwhile answer 503 at once (``_usable`` raises it) instead of calling
-        STS again one after another, the queue a hung STS must not build. Never written
-        over credentials still in the entry (NX)."""
+        STS again one after another, the queue a hung STS must not build.
+
+        An entry whose credentials are still valid, only too short-lived for the caller
+        that refilled it (the SDK doors ask for 16 minutes), keeps them for callers that
+        ask less, with the failure beside them until its ``until``; it is replaced only
+        if it is still the entry that caller read. Otherwise the hold is an entry of its
+        own for the hold's length, never written over an entry that appeared (NX)."""
         hold = max(1, min(exc.retry_after or _BUSY_RETRY_AFTER, FAILURE_HOLD_SECONDS))
+        failed = {"message": exc.message, "retry_after": hold}
+        kept = self._still_valid(stale)
         with suppress(StoreUnavailable):  # the store logs it; the caller gets ``exc``
-            self._store.set_sealed(
+            if kept is None:
+                self._store.set_sealed(key, {"failed": failed}, ttl=hold, only_if_new=True)
+                return
+            assert stale is not None  # kept came from it
+            self._store.replace_sealed(
                 key,
-                {"failed": {"message": exc.message, "retry_after": hold}},
-                ttl=hold,
-                only_if_new=True,
+                {**_encode(kept), "failed": {**failed, "until": self._clock() + hold}},
+                ttl=self._remaining(kept),
+                expected=stale.sealed,
             )
+
+    def _still_valid(self, entry: Found | None) -> IssuedCredentials | None:
+        """The credentials in an entry read from Redis, if they may still be handed out
+        to someone (whatever time left they need)."""
+        if entry is None or not isinstance(entry.value, dict):
+            return None
+        try:
+            issued = _decode(entry.value)
+        except (KeyError, TypeError, ValueError):
+            return None
+        return issued if self._remaining(issued) > 0 else None
 
     def _assume(self, identity: Identity, grant: Grant) -> IssuedCredentials:
         # Built only on a miss: a cache hit needs neither the session name nor the token.
@@ -319,22 +353,21 @@ class CredentialService:
         memory, if they may be handed out; None if not. A failure hold is a 503."""
         if value is None:
             return None  # sealed with a retired key, or tampered with
-        if isinstance(value, dict) and isinstance(value.get("failed"), dict):
-            failed = value["failed"]
-            raise DependencyUnavailable(
-                "STS failed a moment ago for the same credentials "
-                f"({failed.get('message', 'no detail')}); try again shortly",
-                retry_after=FAILURE_HOLD_SECONDS
-                if not isinstance(failed.get("retry_after"), int)
-                else max(1, min(failed["retry_after"], FAILURE_HOLD_SECONDS)),
-            )
+        failed = value.get("failed") if isinstance(value, dict) else None
+        if isinstance(failed, dict) and "access_key_id" not in value:
+            raise _held(failed)  # a hold alone: Redis expires it with the hold
         try:
             issued = _decode(value)
         except (KeyError, TypeError, ValueError):
             return None  # written by an incompatible version: treat as a miss
         # Redis expires entries at the margin already; this guards against clock skew
         # between broker nodes and Redis.
-        if self._remaining(issued) <= 0 or not self._lasts(issued, min_left):
+        if self._remaining(issued) <= 0:
+            return None
+        if not self._lasts(issued, min_left):
+            # Too short for this caller; held beside the credentials while it lasts.
+            if isinstance(failed, dict) and _holds(failed, self._clock()):
+                raise _held(failed)
             return None
         self._remember(key, issued)
         return issued
@@ -345,6 +378,22 @@ class CredentialService:
     def _remaining(self, issued: IssuedCredentials) -> float:
         """Seconds the credentials may still be handed out."""
         return issued.expiration.timestamp() - self._clock() - self._settings.safety_margin_seconds
+
+
+def _holds(failed: Mapping[str, Any], now: float) -> bool:
+    until = failed.get("until")
+    return isinstance(until, int | float) and until > now
+
+
+def _held(failed: Mapping[str, Any]) -> DependencyUnavailable:
+    retry_after = failed.get("retry_after")
+    return DependencyUnavailable(
+        "STS failed a moment ago for the same credentials "
+        f"({failed.get('message', 'no detail')}); try again shortly",
+        retry_after=max(1, min(retry_after, FAILURE_HOLD_SECONDS))
+        if isinstance(retry_after, int)
+        else FAILURE_HOLD_SECONDS,
+    )
 
 
 def _encode(issued: IssuedCredentials) -> dict[str, Any]:
