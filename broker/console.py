@@ -48,8 +48,9 @@ from urllib.parse import urlencode, urlsplit
 import requests
 
 from broker.errors import BadRequest, DependencyUnavailable, UpstreamError
+from broker.limits import ROLE_ARN_RE
 from broker.safe_redirect import is_safe_next
-from broker.settings import ROLE_ARN_RE, ConsoleSettings
+from broker.settings import ConsoleSettings
 from broker.sts import IssuedCredentials
 
 # AWS: "The URL that the federation endpoint provides is valid for 15 minutes after it is
@@ -66,7 +67,7 @@ REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d", re.ASCII)
 MAX_REGION_CHARS = 32
 # Service shortcuts as they appear in console paths: s3, ec2, cloudwatch, iam, vpc ...
 SERVICE_RE = re.compile(r"[a-z0-9-]{1,40}", re.ASCII)
-# The partition of a role ARN that settings.ROLE_ARN_RE accepts.
+# The partition of a role ARN that broker.limits.ROLE_ARN_RE accepts.
 _ROLE_ARN_PARTITION_RE = re.compile(r"arn:(aws|aws-us-gov|aws-cn):", re.ASCII)
 # Printable ASCII without space: anything else in a destination is refused, not escaped.
 _PRINTABLE_RE = re.compile(r"[\x21-\x7e]+", re.ASCII)

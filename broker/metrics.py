@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from botocore.exceptions import ClientError, HTTPClientError, ParamValidationError
 from botocore.exceptions import ConnectionError as BotocoreConnectionError
 from botocore.parsers import ResponseParserError
+from flask import request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -426,7 +427,6 @@ class RequestMetrics:
 
 def note_route() -> None:
     """Flask ``before_request`` hook: remember the matched URL rule for RequestMetrics."""
-    from flask import request
 
     if request.url_rule is not None:
         request.environ[ROUTE_KEY] = request.url_rule.rule

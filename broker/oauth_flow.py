@@ -54,7 +54,8 @@ from authlib.integrations.requests_client import OAuth2Session
 
 from broker import errors
 from broker.http import Http
-from broker.jwks import MalformedDocument, RemoteDocument
+from broker.jwk import MalformedDocument
+from broker.jwks import RemoteDocument
 from broker.settings import (
     AmazonProviderSettings,
     FacebookProviderSettings,

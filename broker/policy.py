@@ -1,4 +1,6 @@
-"""Session policy templates and STS request limits (pure functions).
+"""Session policies, tags, source identity and session names, filled in for one identity
+(pure functions; the template syntax and its load-time check are
+``broker.policy_template``).
 
 A template is a JSON policy object whose *string values* may hold placeholders::
 
@@ -19,35 +21,26 @@ would widen the ARN or condition it lands in.
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from broker import errors
 from broker.identity import Identity
-from broker.settings import (
+from broker.limits import (
     SOURCE_IDENTITY_RE,
     STS_MAX_INLINE_POLICY_CHARS,
     STS_MAX_TAG_VALUE_CHARS,
     STS_MAX_TAGS,
-    RuleSettings,
     tag_text_ok,
 )
-
-PLACEHOLDER_RE = re.compile(r"\$\{([^{}]*)\}")
-SIMPLE_PLACEHOLDERS = ("identity_id", "sub", "provider", "email", "aud")
-CLAIM_PREFIX = "claim:"
-
-# The longest value any placeholder may receive. check_template sizes templates with
-# values this long, so a template that passes at load time cannot outgrow STS's limit
-# at request time; longer values are refused rather than trusted to fit.
-MAX_VALUE_CHARS = 64
-# What check_template substitutes to find a template's worst-case size. Identity ids
-# are "region:uuid"; us-east-1 stands for the usual region length.
-SAMPLE_IDENTITY_ID = "us-east-1:" + "0" * 36
-SAMPLE_VALUE = "x" * MAX_VALUE_CHARS
+from broker.policy_template import (
+    CLAIM_PREFIX,
+    MAX_VALUE_CHARS,
+    serialise,
+    substitute,
+)
+from broker.settings import RuleSettings
 
 # No "*" or "?" (wildcards), no "$", "{" or "}" (IAM policy variables), no "/" (a value
 # could otherwise reach into another ARN path segment), no ":" (another ARN field), no
@@ -97,96 +90,6 @@ def find_claim(claims: Mapping[str, Any], path: str) -> Any:
     return None
 
 
-# --------------------------------------------------------------------------- templates
-
-
-def _placeholder_problem(name: str) -> str | None:
-    if name in SIMPLE_PLACEHOLDERS:
-        return None
-    if name.startswith(CLAIM_PREFIX) and name[len(CLAIM_PREFIX) :].strip():
-        return None
-    supported = ", ".join(f"${{{n}}}" for n in (*SIMPLE_PLACEHOLDERS, "claim:NAME"))
-    # IAM's own policy variables use the same ${...} syntax; refusing them keeps every
-    # ${...} in a template under our control, so none can be resolved by AWS against
-    # values we never checked.
-    return f"unknown placeholder ${{{name}}} (supported: {supported})"
-
-
-def _string_problems(text: str) -> list[str]:
-    problems = [p for n in PLACEHOLDER_RE.findall(text) if (p := _placeholder_problem(n))]
-    if "${" in PLACEHOLDER_RE.sub("", text):
-        problems.append(f"unterminated or nested placeholder in {text!r}")
-    return problems
-
-
-def _walk_problems(node: Any, where: str, problems: list[str]) -> None:
-    def add(texts: list[str]) -> None:
-        problems.extend(f"{where or '<root>'}: {t}" for t in texts)
-
-    if isinstance(node, Mapping):
-        for key, value in node.items():
-            child = f"{where}.{key}" if where else str(key)
-            if not isinstance(key, str):
-                add([f"object key {key!r} is not a string"])
-            elif "${" in key:
-                # Keys name policy elements and condition operators: letting identity
-                # values choose them would let a claim decide what the policy says.
-                problems.append(f"{child}: placeholders are not allowed in object keys")
-            _walk_problems(value, child, problems)
-    elif isinstance(node, list | tuple):
-        for i, value in enumerate(node):
-            _walk_problems(value, f"{where}[{i}]", problems)
-    elif isinstance(node, str):
-        add(_string_problems(node))
-    elif isinstance(node, float) and not math.isfinite(node):
-        add(["NaN and infinity are not JSON"])
-    elif node is not None and not isinstance(node, bool | int | float):
-        add([f"a {type(node).__name__} is not a JSON value"])
-
-
-def _sample_value(name: str) -> str:
-    return SAMPLE_IDENTITY_ID if name == "identity_id" else SAMPLE_VALUE
-
-
-def check_template(rule: RuleSettings) -> list[str]:
-    """Problems with ``rule``'s session policy template, found at load time."""
-    return check_policy_template(rule.session_policy)
-
-
-def check_policy_template(template: Mapping[str, Any] | None) -> list[str]:
-    """Problems with a session policy template (a rule's or the guests'), at load time."""
-    if template is None:
-        return []
-    problems: list[str] = []
-    _walk_problems(template, "", problems)
-    if problems:
-        return problems
-    size = len(_serialise(_substitute(template, lambda m: _sample_value(m.group(1)))))
-    if size > STS_MAX_INLINE_POLICY_CHARS:
-        problems.append(
-            f"with the longest allowed identity values the policy is {size} characters; "
-            f"STS accepts at most {STS_MAX_INLINE_POLICY_CHARS}"
-        )
-    return problems
-
-
-def _substitute(node: Any, replace: Callable[[re.Match[str]], str]) -> Any:
-    if isinstance(node, Mapping):
-        # Keys are copied as they are: check_template refuses placeholders in them.
-        return {key: _substitute(value, replace) for key, value in node.items()}
-    if isinstance(node, list | tuple):
-        return [_substitute(value, replace) for value in node]
-    if isinstance(node, str):
-        # re.sub does one pass over the template text, so a substituted value is never
-        # scanned again for placeholders.
-        return PLACEHOLDER_RE.sub(replace, node)
-    return node
-
-
-def _serialise(policy: Any) -> str:
-    return json.dumps(policy, separators=(",", ":"), allow_nan=False)
-
-
 def _identity_value(name: str, identity: Identity) -> str:
     """The raw value for placeholder ``name``; AccessDenied when the identity lacks it."""
     if name == "identity_id":
@@ -200,7 +103,7 @@ def _identity_value(name: str, identity: Identity) -> str:
     elif name in {"email", "aud"}:
         claim = name
     else:
-        # check_template refuses these at load time: reaching here is a bug.
+        # check_policy_template refuses these at load time: reaching here is a bug.
         raise errors.ServerError(f"the session policy uses unknown placeholder {name!r}")
     value = find_claim(identity.claims, claim)
     if claim == "aud" and isinstance(value, list) and value:
@@ -236,11 +139,11 @@ def _checked_value(name: str, identity: Identity) -> str:
 
 def render(template: Mapping[str, Any], identity: Identity) -> str:
     """The template filled in for ``identity`` as minified JSON, within STS's limit."""
-    policy = _substitute(template, lambda m: _checked_value(m.group(1), identity))
+    policy = substitute(template, lambda m: _checked_value(m.group(1), identity))
     try:
-        text = _serialise(policy)
+        text = serialise(policy)
     except (TypeError, ValueError):
-        # check_template refuses non-JSON values at load time: reaching here is a bug.
+        # check_policy_template refuses non-JSON values at load time: reaching here is a bug.
         raise errors.ServerError("the session policy template is not JSON") from None
     if len(text) > STS_MAX_INLINE_POLICY_CHARS:
         # check_policy_template sized the template with the longest values any

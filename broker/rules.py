@@ -32,15 +32,9 @@ from typing import Any, Literal, NamedTuple
 
 from broker import errors, policy
 from broker.identity import Identity
+from broker.limits import STS_MAX_DURATION, STS_MAX_INLINE_POLICY_CHARS, STS_MIN_DURATION
 from broker.policy import claim_text
-from broker.settings import (
-    STS_MAX_DURATION,
-    STS_MAX_INLINE_POLICY_CHARS,
-    STS_MIN_DURATION,
-    Condition,
-    RuleSettings,
-    StsToken,
-)
+from broker.settings import Condition, RuleSettings, StsToken
 
 
 @dataclass(frozen=True, kw_only=True)

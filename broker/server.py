@@ -184,7 +184,7 @@ def error_bytes(status: int, code: str, message: str, rid: str) -> bytes:
     # Imported here: security_headers pulls in the app's modules and prometheus-client
     # with them, which must not load in the master before MetricsHooks.on_starting has
     # set PROMETHEUS_MULTIPROC_DIR (see the module docstring). Only workers get here.
-    from broker.web.security_headers import NON_HTML_POLICY
+    from broker.web.security_headers import NON_HTML_POLICY  # noqa: PLC0415
 
     body = json.dumps({"error": code, "message": message, "request_id": rid}).encode()
     head = (
@@ -385,7 +385,7 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
 
     def load(self) -> Flask:
-        from broker.app import create_app
+        from broker.app import create_app  # noqa: PLC0415 - in the worker, after forking
 
         # Built in each worker after fork, so no Redis or HTTP connection is shared
         # across processes.
@@ -416,7 +416,12 @@ class MetricsHooks:
     def when_ready(self, _arbiter: Any) -> None:
         if self._listen is None:
             return
-        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+        from prometheus_client import (  # noqa: PLC0415
+            CollectorRegistry,
+            multiprocess,
+            start_http_server,
+        )
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
@@ -425,7 +430,7 @@ class MetricsHooks:
         log.info("metrics: listening on http://%s:%d/metrics", host, port)
 
     def child_exit(self, _arbiter: Any, worker: Any) -> None:
-        from prometheus_client import multiprocess
+        from prometheus_client import multiprocess  # noqa: PLC0415 - as in when_ready
 
         multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 

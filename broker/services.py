@@ -16,7 +16,7 @@ from typing import Any
 import redis
 from flask import current_app
 
-from broker import metrics, rules
+from broker import guest, metrics, rules
 from broker.credentials import CredentialService, sdk_min_left
 from broker.errors import BrokerError, NotFound, RateLimited, UnknownProvider
 from broker.http import Http
@@ -270,7 +270,6 @@ class Services:
         """Credentials for a guest (``POST /v1/guest``, see broker.guest): the same guest
         again for a valid guest token, else a new one. Returns the credentials and a
         renewed guest token with its expiry. NotFound while guest access is off."""
-        from broker import guest
 
         settings = self.settings.guest
         if not settings.enabled:

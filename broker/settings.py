@@ -18,29 +18,28 @@ import json
 import os
 import re
 import tomllib
-import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
+from broker.limits import (
+    ISSUER_MAX_TOKEN_SECONDS,
+    POLICY_ARN_RE,
+    ROLE_ARN_RE,
+    STS_MAX_DURATION,
+    STS_MAX_POLICY_ARNS,
+    STS_MAX_TAG_VALUE_CHARS,
+    STS_MAX_TAGS,
+    STS_MIN_DURATION,
+    tag_key_problem,
+    tag_text_ok,
+)
+from broker.policy_template import check_policy_template
+
 ENV_PREFIX = "BROKER_"
 CONFIG_ENV = "BROKER_CONFIG"
-
-# STS limits (AssumeRoleWithWebIdentity API reference).
-STS_MIN_DURATION = 900
-STS_MAX_DURATION = 43200
-STS_MAX_POLICY_ARNS = 10
-STS_MAX_INLINE_POLICY_CHARS = 2048
-# Session tags and source identity (AssumeRoleWithWebIdentity, "Passing session tags
-# using AssumeRoleWithWebIdentity" and SourceIdentity in the IAM user guide).
-STS_MAX_TAGS = 50
-STS_MAX_TAG_KEY_CHARS = 128
-STS_MAX_TAG_VALUE_CHARS = 256
-# The broker's own tokens for STS live at most this long: STS reads them once, at the
-# call, so a longer life would only widen what a leaked one is worth.
-ISSUER_MAX_TOKEN_SECONDS = 300
 
 # Clock skew tolerated on exp/nbf/iat. A minute covers phones with drifting clocks and
 # NTP-less containers; more would let a stolen, just-expired token live noticeably longer.
@@ -53,36 +52,11 @@ WORKER_TIMEOUT_SECONDS = 30
 WORKER_CLASSES = frozenset({"gthread", "gevent"})
 MAX_UPSTREAM_BUDGET_SECONDS = WORKER_TIMEOUT_SECONDS / 2
 
-ROLE_ARN_RE = re.compile(r"^arn:aws(?:-cn|-us-gov)?:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
-POLICY_ARN_RE = re.compile(r"^arn:aws(?:-cn|-us-gov)?:iam::(?:\d{12}|aws):policy/[\w+=,.@/-]+$")
 PROVIDER_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 # An identity id is "<region>:<uuid>" (broker.identity) and goes into session policies
 # and S3 prefixes, so the region keeps to the characters a policy value may hold and
 # leaves room for the 37 after it within the 64 one may have (broker.policy).
 IDENTITY_REGION_RE = re.compile(r"[A-Za-z0-9_+=,.@-]{1,27}", re.ASCII)
-# SourceIdentity as STS accepts it (ASCII: `\w` would admit letters STS refuses).
-SOURCE_IDENTITY_RE = re.compile(r"[\w+=,.@-]{2,64}", re.ASCII)
-_TAG_PUNCTUATION = frozenset("_.:/=+-@")
-
-
-def tag_text_ok(text: str) -> bool:
-    """Whether every character of a tag key or value is one STS accepts:
-    ``[\\p{L}\\p{Z}\\p{N}_.:/=+\\-@]`` (letters, separators, numbers and a little
-    punctuation). No quote, brace, dollar, star or control character can get through."""
-    return all(c in _TAG_PUNCTUATION or unicodedata.category(c)[0] in "LZN" for c in text)
-
-
-def tag_key_problem(key: str) -> str | None:
-    """Why ``key`` cannot be a session tag key, or None."""
-    if not 1 <= len(key) <= STS_MAX_TAG_KEY_CHARS:
-        return f"tag keys are 1 to {STS_MAX_TAG_KEY_CHARS} characters"
-    if not tag_text_ok(key):
-        return "tag keys may hold only letters, digits, spaces and _ . : / = + - @"
-    if key.lower().startswith("aws:"):
-        return "tag keys must not start with aws: (reserved by AWS)"
-    return None
-
-
 Operator = Literal["equals", "not_equals", "contains", "starts_with", "glob", "in"]
 OPERATORS: tuple[Operator, ...] = ("equals", "not_equals", "contains", "starts_with", "glob", "in")
 ProviderType = Literal["oidc", "google", "developer", "amazon", "facebook"]
@@ -760,8 +734,12 @@ def _cache(r: _Reader) -> CacheSettings:
 
 
 def _issuer(r: _Reader, base_dir: Path) -> IssuerSettings:
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    # Loaded on demand: every broker command, credential-process included, reads the
+    # settings, and only issuer key files need cryptography.
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: PLC0415
+    from cryptography.hazmat.primitives.serialization import (  # noqa: PLC0415
+        load_pem_private_key,
+    )
 
     pems: list[bytes] = []
     for name in r.str_list("key_files", ()):
@@ -821,8 +799,6 @@ def _guest(r: _Reader, base_dir: Path, rules: Iterable[RuleSettings]) -> GuestSe
     )
     r.finish()
     if s.session_policy is not None:
-        from broker.policy import check_policy_template
-
         where = r.key("session_policy")
         r.problems.extend(f"{where}: {p}" for p in check_policy_template(s.session_policy))
     return s
@@ -948,7 +924,9 @@ def _metrics(r: _Reader) -> MetricsSettings:
 def _developer_jwks(r: _Reader) -> Mapping[str, Any] | None:
     """A developer provider's keys: ``jwks_file`` (read into ``jwks`` by the loader) or
     inline ``jwks``, checked now so a bad file stops the start."""
-    from broker.jwks import MalformedDocument, parse_key_set
+    # On demand: pyjwt imports ssl, which gunicorn's master (it reads these settings)
+    # must not load before a gevent worker has patched it.
+    from broker.jwk import MalformedDocument, parse_key_set  # noqa: PLC0415
 
     raw = r.raw("jwks")
     if raw is _MISSING:
@@ -1275,9 +1253,9 @@ def _rule(
     )
     r.finish()
     if rule.session_policy is not None and len(problems) == before:
-        from broker.policy import check_template  # policy owns template semantics
-
-        problems.extend(f"rules[{i}].session_policy: {p}" for p in check_template(rule))
+        problems.extend(
+            f"rules[{i}].session_policy: {p}" for p in check_policy_template(rule.session_policy)
+        )
     if isinstance(raw.get("name"), str) and raw["name"]:
         # Operators know their rules by name, not by position in the file.
         prefix = f"rules[{i}]"

@@ -46,7 +46,9 @@ import redis.exceptions
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from broker import metrics
 from broker.errors import StoreUnavailable
@@ -399,8 +401,6 @@ def connect(settings: RedisSettings) -> redis.Redis:
     }
     common = {**timeouts, **_auth(settings.username, settings.password), **_tls(settings)}
     if settings.mode == "sentinel":
-        from redis.sentinel import Sentinel
-
         if settings.tls:
             common["ssl"] = True  # the master's connections: SentinelManagedSSLConnection
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
@@ -417,8 +417,6 @@ def connect(settings: RedisSettings) -> redis.Redis:
         master: redis.Redis = sentinel.master_for(settings.sentinel_service)  # type: ignore[no-untyped-call]
         return master
     if settings.mode == "cluster":
-        from redis.cluster import RedisCluster
-
         # Every operation touching several keys keeps them in one slot (see Store.key).
         # Its own retry (10 attempts by default, rediscovering the cluster in between)
         # is switched off as well; MOVED/ASK redirects are still followed.

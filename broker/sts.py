@@ -51,13 +51,13 @@ from broker.errors import (
     UpstreamError,
     UpstreamThrottled,
 )
-from broker.settings import (
+from broker.limits import (
     STS_MAX_DURATION,
     STS_MAX_INLINE_POLICY_CHARS,
     STS_MAX_POLICY_ARNS,
     STS_MIN_DURATION,
-    STSSettings,
 )
+from broker.settings import STSSettings
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -39,14 +39,8 @@ import jwt
 from broker import errors, jws
 from broker.http import Http
 from broker.identity import VerifiedClaims, VerifiedToken
-from broker.jwks import (
-    ASYMMETRIC_ALGORITHMS,
-    DocumentState,
-    JWKSCache,
-    MalformedDocument,
-    RemoteDocument,
-    StaticKeySet,
-)
+from broker.jwk import ASYMMETRIC_ALGORITHMS, MalformedDocument, StaticKeySet
+from broker.jwks import DocumentState, JWKSCache, RemoteDocument
 from broker.memo import ExpiringCache
 from broker.providers.base import IdentityProvider
 from broker.settings import OIDCProviderSettings

@@ -22,6 +22,7 @@ from flask import Flask, Response, request
 from werkzeug.datastructures import Headers
 from werkzeug.wrappers import Response as WerkzeugResponse
 
+from broker.services import EXTENSION_KEY
 from broker.settings import Settings
 
 if TYPE_CHECKING:
@@ -121,7 +122,6 @@ def json_headers(*, secure: bool) -> tuple[tuple[str, str], ...]:
 
 def install(app: Flask) -> None:
     """Add the headers to every response of ``app`` (after its services are set)."""
-    from broker.services import EXTENSION_KEY
 
     services: Services = app.extensions[EXTENSION_KEY]
     settings = services.settings

@@ -73,6 +73,7 @@ from broker.sessions import (
     web_sso,
 )
 from broker.sts import iso_utc
+from broker.web import console
 from broker.web import errors as json_errors
 from broker.web.api import issued_json, json_body
 from broker.web.security_headers import no_store
@@ -89,7 +90,6 @@ CONSOLE_ENDPOINT = "console.signin"
 @blueprint.record_once
 def _connect_console(state: BlueprintSetupState) -> None:
     """Let the console sign-in part see this part's sessions (its documented seam)."""
-    from broker.web import console
 
     assert isinstance(state.app, Flask)
     console.install_session_lookup(

@@ -43,9 +43,12 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("credentials.py", "CredentialService._assume"): "backstop: Services always builds an issuer",
     ("guest.py", "guest_grant"): "backstop: settings refuses guest access without role_arn",
     ("rules.py", "_scalar_holds"): "backstop: settings refuses unknown operators",
-    ("policy.py", "_identity_value"): "backstop: check_template refuses unknown placeholders",
+    (
+        "policy.py",
+        "_identity_value",
+    ): "backstop: check_policy_template refuses unknown placeholders",
     ("policy.py", "_checked_value"): "backstop: settings checks identity.region",
-    ("policy.py", "render"): "backstop: check_template refuses templates that are not JSON "
+    ("policy.py", "render"): "backstop: check_policy_template refuses templates that are not JSON "
     "or too long with the longest values",
     ("policy.py", "render_tags"): "backstop: settings refuses rules with too many tags",
     ("sts.py", "_params"): "backstop: settings and the renderer keep within STS's limits",

@@ -20,7 +20,8 @@ from redis.retry import Retry
 from broker import errors, metrics
 from broker.devstack.processes import free_port
 from broker.http import FAILED_FETCH_BACKOFF_SECONDS, Http
-from broker.jwks import JWKS_REFRESH_BURST, JWKSCache, key_for_algorithm
+from broker.jwk import key_for_algorithm
+from broker.jwks import JWKS_REFRESH_BURST, JWKSCache
 from broker.store import Sealer, Store
 from tests.unit.oidc_fixtures import FakeClock, FakeIdP, ec_key, rsa_key
 

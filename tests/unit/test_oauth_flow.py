@@ -13,7 +13,7 @@ from typing import Any, cast
 import pytest
 
 from broker.errors import BadRequest
-from broker.jwks import MalformedDocument
+from broker.jwk import MalformedDocument
 from broker.oauth_flow import OAuthFlow, _endpoints_from_discovery
 from broker.settings import settings_from_mapping
 from tests.unit.oidc_fixtures import rsa_key

@@ -8,15 +8,16 @@ import datetime
 import json
 import random
 import re
-from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from broker import errors
 from broker.identity import Identity, IdentityIds, VerifiedClaims, VerifiedToken
-from broker.policy import MAX_VALUE_CHARS, check_template, render, session_name
-from broker.settings import STS_MAX_INLINE_POLICY_CHARS, Condition, RuleSettings
+from broker.limits import STS_MAX_INLINE_POLICY_CHARS
+from broker.policy import render, session_name
+from broker.policy_template import MAX_VALUE_CHARS, check_policy_template
+from broker.settings import Condition, RuleSettings
 
 IDS = IdentityIds(key=b"k" * 32, region="us-east-1")
 # STS's RoleSessionName pattern, restated here so the tests pin the contract itself.
@@ -265,7 +266,7 @@ def test_missing_or_non_string_claim_denies(
 
 
 def test_unknown_placeholder_at_render_is_an_internal_error() -> None:
-    # check_template refuses it at load time; render's refusal is the backstop.
+    # check_policy_template refuses it at load time; render's refusal is the backstop.
     with pytest.raises(errors.ServerError) as caught:
         render(one_statement("r/${aws:username}"), identity())
     assert caught.value.code == "internal_error"
@@ -301,17 +302,17 @@ def test_policy_that_outgrows_the_limit_with_long_values() -> None:
     with pytest.raises(errors.ServerError):
         render(template, long)
     # ...which the load-time check foresaw.
-    assert any("2048" in p for p in check_template(replace(RULE, session_policy=template)))
+    assert any("2048" in p for p in check_policy_template(template))
 
 
-# --------------------------------------------------------------------------- check_template
+# --------------------------------------------------------------------------- check_policy_template
 
 
 def problems_for(template: Any) -> list[str]:
-    return check_template(replace(RULE, session_policy=template))
+    return check_policy_template(template)
 
 
-def test_check_template_accepts_good_templates() -> None:
+def test_check_policy_template_accepts_good_templates() -> None:
     assert problems_for(TEMPLATE) == []
     assert problems_for(None) == []
     every = one_statement("${identity_id}${sub}${provider}${email}${aud}${claim:x}${claim:a.b}")
@@ -337,12 +338,12 @@ def test_check_template_accepts_good_templates() -> None:
         (padded(STS_MAX_INLINE_POLICY_CHARS + 1), "STS accepts at most 2048"),
     ],
 )
-def test_check_template_problems(template: Any, needle: str) -> None:
+def test_check_policy_template_problems(template: Any, needle: str) -> None:
     problems = problems_for(template)
     assert any(needle in p for p in problems), problems
 
 
-def test_check_template_reports_every_problem() -> None:
+def test_check_policy_template_reports_every_problem() -> None:
     template = {
         "Statement": [
             {"Effect": "Allow", "Resource": ["${a}", "${b}"], "${c}": "x"},
