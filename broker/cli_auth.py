@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import re
 import secrets
 import time
@@ -34,6 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from broker import errors
+from broker.guards import is_loopback_host
 from broker.identity import IdentityIds
 from broker.sessions import SessionStore, WebSession
 from broker.settings import CLISettings
@@ -95,12 +95,7 @@ def check_loopback_redirect(uri: str | None) -> str:
         raise errors.BadRequest("redirect_uri is required")
     parts = urlsplit(uri)
     host = parts.hostname or ""
-    # Loopback IP literals only: RFC 8252 section 8.3 advises against "localhost", which
-    # a resolver or a hosts file may point elsewhere.
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
+    loopback = is_loopback_host(host, allow_localhost=False)  # RFC 8252 section 8.3
     try:
         port = parts.port
     except ValueError:

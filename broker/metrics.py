@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from botocore.exceptions import ClientError, HTTPClientError, ParamValidationError
@@ -45,8 +46,6 @@ from broker.errors import BrokerError, DependencyUnavailable
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
-
-    from broker.settings import Settings
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -230,16 +229,24 @@ def bounded(value: object, allowed: Iterable[str]) -> str:
     return value if isinstance(value, str) and value in allowed else OTHER
 
 
-def provider_label(settings: Settings, provider: object) -> str:
-    return bounded(provider, settings.providers)
+@dataclass(frozen=True)
+class Labels:
+    """The values the provider, rule and role labels may take: the configured ones, so
+    no caller can make up a series. Built once from the settings (``Services.labels``),
+    not per request."""
 
+    providers: frozenset[str] = frozenset()
+    rules: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()
 
-def rule_label(settings: Settings, rule: object) -> str:
-    return bounded(rule, {r.name for r in settings.rules})
+    def provider(self, value: object) -> str:
+        return bounded(value, self.providers)
 
+    def rule(self, value: object) -> str:
+        return "none" if value is None else bounded(value, self.rules)
 
-def role_label(settings: Settings, role: object) -> str:
-    return bounded(role, {arn for r in settings.rules for arn in r.roles})
+    def role(self, value: object) -> str:
+        return "none" if value is None else bounded(value, self.roles)
 
 
 def route_label(route: object) -> str:
@@ -274,13 +281,13 @@ def upstream_kind(what: str) -> str:
 # -- what the rest of the broker calls ----------------------------------------------------
 
 
-def authentication(settings: Settings, provider: object, error: BaseException | None) -> None:
+def authentication(labels: Labels, provider: object, error: BaseException | None) -> None:
     outcome = "ok" if error is None else _error_code(error)
-    _child(AUTHENTICATIONS, provider_label(settings, provider), outcome).inc()
+    _child(AUTHENTICATIONS, labels.provider(provider), outcome).inc()
 
 
 def credentials(
-    settings: Settings,
+    labels: Labels,
     *,
     provider: object,
     rule: object,
@@ -290,22 +297,18 @@ def credentials(
     """One credential request of a verified identity: issued (``error`` None) or not."""
     outcome = "issued" if error is None else _error_code(error)
     _child(
-        CREDENTIALS,
-        provider_label(settings, provider),
-        "none" if rule is None else rule_label(settings, rule),
-        "none" if role is None else role_label(settings, role),
-        outcome,
+        CREDENTIALS, labels.provider(provider), labels.rule(rule), labels.role(role), outcome
     ).inc()
 
 
 def replay_hit(
-    settings: Settings, environ: WSGIEnvironment, *, route: str, audit: Mapping[str, Any]
+    labels: Labels, environ: WSGIEnvironment, *, route: str, audit: Mapping[str, Any]
 ) -> None:
     """A replayed answer: counted as a request to ``route`` and as an issuance."""
     environ[ROUTE_KEY] = route
     REPLAY_HITS.inc()
     credentials(
-        settings,
+        labels,
         provider=audit.get("provider"),
         rule=audit.get("rule"),
         role=audit.get("role_arn"),
@@ -313,12 +316,10 @@ def replay_hit(
 
 
 def console_signin(
-    settings: Settings, *, provider: object, role: object, error: BaseException | None
+    labels: Labels, *, provider: object, role: object, error: BaseException | None
 ) -> None:
     outcome = "ok" if error is None else _error_code(error)
-    _child(
-        CONSOLE_SIGNINS, provider_label(settings, provider), role_label(settings, role), outcome
-    ).inc()
+    _child(CONSOLE_SIGNINS, labels.provider(provider), labels.role(role), outcome).inc()
 
 
 @contextmanager

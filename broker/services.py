@@ -75,6 +75,15 @@ class Issued:
         }
 
 
+def metric_labels(settings: Settings) -> metrics.Labels:
+    """The configured providers, rules and roles: the only values their labels take."""
+    return metrics.Labels(
+        providers=frozenset(settings.providers),
+        rules=frozenset(r.name for r in settings.rules),
+        roles=frozenset(arn for r in settings.rules for arn in r.roles),
+    )
+
+
 @dataclass(kw_only=True)
 class Services:
     settings: Settings
@@ -92,6 +101,11 @@ class Services:
     replays: ExpiringCache[bytes, Replay] = field(
         default_factory=lambda: ExpiringCache(max_entries=0, clock=time.time)
     )
+    # The values the metrics' provider, rule and role labels may take, from settings.
+    labels: metrics.Labels = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.labels = metric_labels(self.settings)
 
     @classmethod
     def build(
@@ -155,12 +169,12 @@ class Services:
         try:
             verified = self.provider(provider).verify(token, nonce=nonce)
         except BrokerError as exc:
-            metrics.authentication(self.settings, provider, exc)
+            metrics.authentication(self.labels, provider, exc)
             # For the audit event of a failed authentication (the error path writes
             # it): a provider name the caller made up is not worth recording.
             exc.about(provider=provider if provider in self.providers else None)
             raise
-        metrics.authentication(self.settings, provider, None)
+        metrics.authentication(self.labels, provider, None)
         return self.identity_ids.identify(verified)
 
     def _denials(self, identity: Identity) -> dict[str, Any]:
@@ -237,7 +251,7 @@ class Services:
         except BrokerError as exc:
             # A refusal is the outcome of this credential request: nothing gets minted.
             metrics.credentials(
-                self.settings, provider=identity.provider, rule=None, role=role_arn, error=exc
+                self.labels, provider=identity.provider, rule=None, role=role_arn, error=exc
             )
             # Denials (rules, the rate limit) are audited by the error path, which needs
             # to know whom they were about.
@@ -251,7 +265,7 @@ class Services:
             creds = self.credentials.get(identity, grant, min_left=min_left)
         except BrokerError as exc:
             metrics.credentials(
-                self.settings,
+                self.labels,
                 provider=identity.provider,
                 rule=grant.rule,
                 role=grant.role_arn,
@@ -260,7 +274,7 @@ class Services:
             exc.about(provider=identity.provider, identity_id=identity.identity_id)
             raise
         metrics.credentials(
-            self.settings, provider=identity.provider, rule=grant.rule, role=grant.role_arn
+            self.labels, provider=identity.provider, rule=grant.rule, role=grant.role_arn
         )
         issued = Issued(identity=identity, grant=grant, credentials=creds)
         audit_log.info("credentials issued", extra={"audit": issued.audit})

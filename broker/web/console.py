@@ -152,11 +152,11 @@ def _signin(
         )
     except BrokerError as exc:
         metrics.console_signin(
-            settings, provider=identity.provider, role=issued.grant.role_arn, error=exc
+            services.labels, provider=identity.provider, role=issued.grant.role_arn, error=exc
         )
         raise
     metrics.console_signin(
-        settings, provider=identity.provider, role=issued.grant.role_arn, error=None
+        services.labels, provider=identity.provider, role=issued.grant.role_arn, error=None
     )
     audit_log.info(
         "console sign-in URL issued",

@@ -100,7 +100,7 @@ class CredentialsExchange:
                 audit_log.info(
                     "credentials issued", extra={"audit": {**replay.audit, "replayed": True}}
                 )
-                metrics.replay_hit(self._services.settings, environ, route=PATH, audit=replay.audit)
+                metrics.replay_hit(self._services.labels, environ, route=PATH, audit=replay.audit)
                 start_response(replay.status, list(replay.headers))
                 return [replay.body]
         if not _is_json(environ.get("CONTENT_TYPE", "")) or len(body) != length:

@@ -36,7 +36,7 @@ from broker.errors import (
 )
 from broker.http import Http
 from broker.jwks import DocumentState
-from broker.services import Services
+from broker.services import Services, metric_labels
 from broker.settings import ConfigError, Settings, settings_from_mapping
 from broker.store import RedisGuard, Sealer, Store, request_scope
 from broker.web.health import readiness
@@ -73,6 +73,9 @@ def make_settings(**metrics_section: Any) -> Settings:
     if metrics_section:
         raw["metrics"] = metrics_section
     return settings_from_mapping(raw, env={}, source="test")
+
+
+LABELS = metric_labels(make_settings())
 
 
 def sample(name: str, **labels: str) -> float:
@@ -123,7 +126,7 @@ def test_credential_outcomes_have_bounded_labels(
     labels = dict(zip(("provider", "rule", "role", "outcome"), expected, strict=True))
     before = sample("broker_credentials_total", **labels)
 
-    metrics.credentials(make_settings(), provider=provider, rule=rule, role=role, error=error)
+    metrics.credentials(LABELS, provider=provider, rule=rule, role=role, error=error)
 
     assert sample("broker_credentials_total", **labels) == before + 1
     assert not {EMAIL, JWT_LIKE, f"arn:aws:iam::123456789012:role/{EMAIL}"} & all_label_values()
@@ -143,7 +146,7 @@ def test_authentications_have_bounded_labels(
 ) -> None:
     labels = {"provider": expected[0], "outcome": expected[1]}
     before = sample("broker_authentications_total", **labels)
-    metrics.authentication(make_settings(), provider, error)
+    metrics.authentication(LABELS, provider, error)
     assert sample("broker_authentications_total", **labels) == before + 1
     assert EMAIL not in all_label_values()
 
