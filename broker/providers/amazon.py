@@ -15,10 +15,11 @@ The identity's subject is ``user_id``. STS receives the access token unchanged w
 ``ProviderId=www.amazon.com``; the IAM role trusts ``www.amazon.com`` with a condition
 on ``www.amazon.com:app_id``.
 
-Verified tokens are cached (``oauth_common.VerificationCache``), so one token costs one
-pair of round trips until it expires. The pair shares one upstream budget
-(``Http.budget``); calls for different tokens never wait on each other (no lock),
-so a hung Amazon costs each caller at most the budget, never a place in a queue.
+The sequence (cache, budget, the cross-check, remembering) is
+``broker.providers.introspection``'s, shared with Facebook: one token costs one pair of
+round trips until it expires, and calls for different tokens never wait on each other
+(no lock), so a hung Amazon costs each caller at most the budget, never a place in a
+queue.
 
 Errors: Amazon refusing the token is a 401
 (``InvalidToken``/``ExpiredToken``); Amazon failing or answering nonsense is a 502;
@@ -34,15 +35,10 @@ from typing import Any
 
 from broker import errors
 from broker.http import Http, HttpResult
-from broker.identity import VerifiedToken
-from broker.providers.base import IdentityProvider
+from broker.providers.introspection import Introspection, IntrospectionProvider, Profile
 from broker.providers.oauth_common import (
     VERIFICATION_CACHE_MAX_SECONDS,
-    VerificationCache,
-    check_access_token_shape,
     integer,
-    redact_urllib3_urls,
-    refuse_nonce,
     same_text,
     text,
 )
@@ -60,7 +56,9 @@ _ERROR_CODE_RE = re.compile(r"^[a-z_]{1,64}$")
 PROFILE_FIELDS = ("email", "name", "postal_code")
 
 
-class AmazonProvider(IdentityProvider):
+class AmazonProvider(IntrospectionProvider):
+    sts_provider_id = STS_PROVIDER_ID
+
     def __init__(
         self,
         *,
@@ -72,39 +70,24 @@ class AmazonProvider(IdentityProvider):
     ) -> None:
         if not settings.client_ids:
             raise errors.ConfigurationError(f"provider {settings.name!r}: client_ids is empty")
-        self.name = settings.name
-        self.display_name = settings.display_name
+        super().__init__(
+            settings, http=http, store=store, clock=clock, cache_max_seconds=cache_max_seconds
+        )
         self._settings = settings
-        self._http = http
-        self._clock = clock
         self._tokeninfo_url = f"{settings.api_url}/auth/o2/tokeninfo"
         self._profile_url = f"{settings.api_url}/user/profile"
-        # tokeninfo/debug_token carry the token in the query string: keep it out of logs.
-        redact_urllib3_urls()
-        self._cache = VerificationCache(
-            store=store, provider=settings.name, max_seconds=cache_max_seconds, clock=clock
-        )
 
-    def verify(self, token: str, *, nonce: str | None = None) -> VerifiedToken:
-        refuse_nonce(nonce, self.display_name)
-        check_access_token_shape(token)
-        cached = self._cache.get(token)
-        # The audience is checked again on a hit: if the operator removed a client id,
-        # tokens issued to it must stop working now, not when their cache entry expires.
-        if cached is not None and self._our_client_id(cached.claims.get("aud")):
-            return cached
+    def accepts_audience(self, audience: Any) -> bool:
+        # Exact, constant-time comparison with every configured id (no prefix or
+        # case-insensitive matching: another app's id must never pass).
+        return any(same_text(audience, cid) for cid in self._settings.client_ids)
 
-        # tokeninfo and the profile share one upstream budget (broker.http).
-        with self._http.budget():
-            return self._verify_upstream(token)
-
-    def _verify_upstream(self, token: str) -> VerifiedToken:
-        now = self._clock()
+    def introspect(self, token: str, now: float) -> Introspection:
         info = self._tokeninfo(token)
         aud = text(info.get("aud"))
         if aud is None:
             raise errors.UpstreamError("Login with Amazon tokeninfo answered without aud")
-        if not self._our_client_id(aud):
+        if not self.accepts_audience(aud):
             raise errors.InvalidToken("the access token was issued to another application")
         user_id = text(info.get("user_id"))
         if user_id is None:
@@ -115,45 +98,35 @@ class AmazonProvider(IdentityProvider):
         # `exp` counts seconds from now (LWA tokens live an hour), unlike JWT's `exp`.
         if remaining <= 0:
             raise errors.ExpiredToken("the access token has expired")
-        expires_at = int(now + remaining)
+        return Introspection(
+            subject=user_id, audience=aud, expires_at=int(now + remaining), answer=info
+        )
 
+    def profile(self, token: str) -> Profile:
         profile = self._profile(token)
         profile_user = text(profile.get("user_id"))
         if profile_user is None:
             raise errors.UpstreamError("Login with Amazon profile answered without user_id")
-        if not same_text(profile_user, user_id):
-            # Both answers come from Amazon for one token; if they disagree about who it
-            # belongs to, we trust neither.
-            raise errors.InvalidToken("the access token and the profile name different users")
+        return Profile(subject=profile_user, answer=profile)
 
+    def claims(self, vouched: Introspection, profile: Profile) -> dict[str, Any]:
         claims: dict[str, Any] = {
             "iss": STS_PROVIDER_ID,
-            "aud": aud,
-            "sub": user_id,
-            "user_id": user_id,
-            "exp": expires_at,
+            "aud": vouched.audience,
+            "sub": vouched.subject,
+            "user_id": vouched.subject,
+            "exp": vouched.expires_at,
         }
-        app_id = text(info.get("app_id"))
+        app_id = text(vouched.answer.get("app_id"))
         if app_id is not None:
             claims["app_id"] = app_id
         for name in PROFILE_FIELDS:
-            value = text(profile.get(name))
+            value = text(profile.answer.get(name))
             if value is not None:
                 claims[name] = value
-        return self._cache.remember(
-            token,
-            subject=user_id,
-            claims=claims,
-            sts_provider_id=STS_PROVIDER_ID,
-            expires_at=expires_at,
-        )
+        return claims
 
     # ------------------------------------------------------------------------ upstream
-
-    def _our_client_id(self, aud: Any) -> bool:
-        # Exact, constant-time comparison with every configured id (no prefix or
-        # case-insensitive matching: another app's id must never pass).
-        return any(same_text(aud, cid) for cid in self._settings.client_ids)
 
     def _tokeninfo(self, token: str) -> Mapping[str, Any]:
         result = self._http.get_json(

@@ -48,14 +48,10 @@ from broker import errors, jws
 from broker.http import Http, HttpResult, SingleFlight, Skipped
 from broker.identity import VerifiedClaims, VerifiedToken
 from broker.jwks import DocumentState
-from broker.providers.base import IdentityProvider
+from broker.providers.introspection import Introspection, IntrospectionProvider, Profile
 from broker.providers.oauth_common import (
     VERIFICATION_CACHE_MAX_SECONDS,
-    VerificationCache,
-    check_access_token_shape,
     integer,
-    redact_urllib3_urls,
-    refuse_nonce,
     same_text,
     text,
 )
@@ -113,7 +109,9 @@ def looks_like_jwt(token: str) -> bool:
     return _JWT_SEPARATOR in token
 
 
-class FacebookProvider(IdentityProvider):
+class FacebookProvider(IntrospectionProvider):
+    sts_provider_id = STS_PROVIDER_ID
+
     def __init__(
         self,
         *,
@@ -128,20 +126,14 @@ class FacebookProvider(IdentityProvider):
             raise errors.ConfigurationError(
                 f"provider {settings.name!r}: app_id and app_secret are required"
             )
-        self.name = settings.name
-        self.display_name = settings.display_name
+        super().__init__(
+            settings, http=http, store=store, clock=clock, cache_max_seconds=cache_max_seconds
+        )
         self._settings = settings
-        self._http = http
-        self._clock = clock
         graph = f"{settings.graph_url}/{settings.graph_version}"
         self._debug_token_url = f"{graph}/debug_token"
         self._me_url = f"{graph}/me"
         self._app_token_url = f"{graph}/oauth/access_token"
-        # tokeninfo/debug_token carry the token in the query string: keep it out of logs.
-        redact_urllib3_urls()
-        self._cache = VerificationCache(
-            store=store, provider=settings.name, max_seconds=cache_max_seconds, clock=clock
-        )
         self._app_token = _AppAccessToken(
             fetch=self._fetch_app_token, cooldown=app_token_renew_cooldown
         )
@@ -162,62 +154,52 @@ class FacebookProvider(IdentityProvider):
     def verify(self, token: str, *, nonce: str | None = None) -> VerifiedToken:
         if looks_like_jwt(token):
             return self._verify_limited_login(token, nonce)
-        refuse_nonce(nonce, self.display_name)
-        check_access_token_shape(token)
-        app_id = self._settings.app_id
-        cached = self._cache.get(token)
-        # Checked again on a hit, so a changed app_id takes effect at once.
-        if cached is not None and same_text(cached.claims.get("app_id"), app_id):
-            return cached
+        # The app token, debug_token and /me share the template's one upstream budget.
+        return super().verify(token, nonce=nonce)
 
-        # The app token, debug_token and /me share one upstream budget (broker.http).
-        with self._http.budget():
-            return self._verify_upstream(token, app_id)
+    def accepts_audience(self, audience: Any) -> bool:
+        return same_text(audience, self._settings.app_id)
 
-    def _verify_upstream(self, token: str, app_id: str) -> VerifiedToken:
-        now = self._clock()
+    def introspect(self, token: str, now: float) -> Introspection:
         data = self._debug_token(token)
         if data.get("is_valid") is not True:
             raise _token_error(_error_of(data.get("error"), subcode_key="subcode"), data, now)
-        if not same_text(_id(data.get("app_id")), app_id):
+        app_id = _id(data.get("app_id"))
+        if app_id is None or not self.accepts_audience(app_id):
             raise errors.InvalidToken("the access token was issued to another Facebook app")
         kind = data.get("type")
         user_id = _id(data.get("user_id"))
         if (kind is not None and kind != "USER") or user_id is None:
             # App and Page tokens are valid for our app but belong to no person.
             raise errors.InvalidToken("not a Facebook user access token")
-        expires_at = self._expiry(data, now)
+        return Introspection(
+            subject=user_id, audience=app_id, expires_at=self._expiry(data, now), answer=data
+        )
 
+    def profile(self, token: str) -> Profile:
         me = self._me(token)
         me_id = _id(me.get("id"))
         if me_id is None:
             raise errors.UpstreamError("Facebook /me answered without id")
-        if not same_text(me_id, user_id):
-            # Two answers from Graph about one token naming different people: trust neither.
-            raise errors.InvalidToken("the access token and the profile name different users")
+        return Profile(subject=me_id, answer=me)
 
+    def claims(self, vouched: Introspection, profile: Profile) -> dict[str, Any]:
         claims: dict[str, Any] = {
             "iss": STS_PROVIDER_ID,
-            "aud": app_id,
-            "app_id": app_id,
-            "sub": user_id,
-            "id": user_id,
-            "exp": expires_at,
+            "aud": vouched.audience,
+            "app_id": vouched.audience,
+            "sub": vouched.subject,
+            "id": vouched.subject,
+            "exp": vouched.expires_at,
         }
         for name in ("email", "name"):
-            value = text(me.get(name))
+            value = text(profile.answer.get(name))
             if value is not None:
                 claims[name] = value
-        scopes = data.get("scopes")
+        scopes = vouched.answer.get("scopes")
         if isinstance(scopes, list) and all(isinstance(s, str) for s in scopes):
             claims["scopes"] = list(scopes)
-        return self._cache.remember(
-            token,
-            subject=user_id,
-            claims=claims,
-            sts_provider_id=STS_PROVIDER_ID,
-            expires_at=expires_at,
-        )
+        return claims
 
     def _expiry(self, data: Mapping[str, Any], now: float) -> int:
         expires = integer(data.get("expires_at"))
