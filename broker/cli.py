@@ -181,6 +181,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # takes seconds to import) before anything starts, because the stand-ins import them in
 # child processes, where a missing one used to surface as a child's traceback.
 DEV_EXTRA_HINT = "pip install 'federation-broker[dev]'"
+# What an installed package (not a checkout) answers to `broker dev` and `demo-login`.
+NO_DEV_STACK = (
+    "{command} runs the dev stack, which ships with the source checkout, not with the "
+    "installed package: clone the repository and run python3 run.py dev"
+)
 _DEV_MODULES = ("moto", "oidc_provider_mock")
 
 
@@ -200,7 +205,17 @@ def _dev_extra_missing(names: Sequence[str]) -> int:
     return 2
 
 
+def _no_dev_stack(command: str) -> bool:
+    """True (after saying so) when this installation has no dev stack to run."""
+    if importlib.util.find_spec("broker.devstack") is not None:
+        return False
+    print(NO_DEV_STACK.format(command=command), file=sys.stderr)
+    return True
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
+    if _no_dev_stack("broker dev"):
+        return 2
     if missing := missing_dev_modules():
         return _dev_extra_missing(missing)
     _configure_logging(args.log_level)
@@ -216,6 +231,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_login(args: argparse.Namespace) -> int:
+    if _no_dev_stack("broker demo-login"):
+        return 2
     from broker.devstack.demo import demo_login
 
     try:
