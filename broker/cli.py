@@ -1,12 +1,8 @@
-"""The ``broker`` command.
+"""The ``broker`` command: the operators' commands, the end-user commands (their code is
+``broker.client``) and the dev stack's, grouped in ``broker --help`` (``HELP``).
 
-Operators: serve | dev | check-config | explain | demo-login | keygen | keys list |
-keys rotate | iam-setup. People at a terminal:
-login | logout | credential-process | configure | exec (see broker.client).
-
-A production install (``pip install federation-broker``, no extras) has everything the
-commands but ``dev`` need. ``dev`` needs the dev extra; without it ``broker dev`` says
-which package to install and exits 2 before starting anything.
+A production install has everything but the dev stack: ``dev`` and ``demo-login`` run
+from a source checkout, and an installed package says so and exits 2.
 """
 
 from __future__ import annotations
@@ -589,8 +585,22 @@ def _add_issuer_commands(sub: Any) -> None:
     p.set_defaults(fn=cmd_iam_setup)
 
 
+# What `broker --help` says first: plain text, since argparse prints it as it is.
+HELP = """\
+Sign people and apps in with Google, Login with Amazon, Facebook or any OpenID Connect
+provider, and hand them short-lived AWS credentials.
+
+for operators:  serve, check-config, explain, keygen, keys, iam-setup
+for people:     login, logout, configure, credential-process, exec
+the dev stack:  dev, demo-login (from a source checkout: python3 run.py dev)
+
+Run "broker COMMAND --help" for the options of one command."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="broker", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="broker", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the broker under gunicorn")

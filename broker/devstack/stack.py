@@ -75,8 +75,7 @@ def _dev_keys(workdir: Path) -> dict[str, str]:
         "identity_key": base64.b64encode(os.urandom(32)).decode(),
         "encryption_key": base64.b64encode(os.urandom(32)).decode(),
     }
-    path.write_text(json.dumps(keys))
-    path.chmod(0o600)
+    _write_private(path, json.dumps(keys))
     return keys
 
 
@@ -229,6 +228,15 @@ def local_stack(workdir: Path) -> Iterator[Stack]:
         )
 
 
+def _write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path``, readable by this user only from the first byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    return path
+
+
 def run_dev(*, port: int, workdir: str) -> int:
     from broker.app import create_app
     from broker.settings import settings_from_mapping
@@ -241,9 +249,14 @@ def run_dev(*, port: int, workdir: str) -> int:
         # Environment overrides apply to the dev stack too (e.g. BROKER_RATE_LIMIT__...).
         config = stack.config(broker_url, social=True)
         settings = settings_from_mapping(config, source="dev stack")
-        # The same configuration as a file, for `broker explain --config` and check-config
-        # (dev keys only; they live in this directory already).
-        (root / "broker.toml").write_text(dump_toml(config))
+        # The same configuration as a file, for `broker explain --config` and check-config,
+        # and each demo user's claims for `--claims`: while the stack runs, and readable
+        # by this user alone (the file holds the dev stack's keys).
+        written = [_write_private(root / "broker.toml", dump_toml(config))]
+        written += [
+            _write_private(root / f"{user['sub']}.json", json.dumps(dict(user)))
+            for user in DEMO_USERS
+        ]
         app = create_app(settings)
         server = make_server("127.0.0.1", port, app, threaded=True)
         state = {
@@ -280,6 +293,8 @@ def run_dev(*, port: int, workdir: str) -> int:
         finally:
             server.server_close()
             state_path.unlink(missing_ok=True)
+            for path in written:
+                path.unlink(missing_ok=True)
             app.extensions["broker"].close()
             print("\nstopping the dev stack ...", flush=True)
     print("stopped; nothing left running.", flush=True)
@@ -307,7 +322,8 @@ Next, in another terminal:
   python3 run.py broker demo-login --user alice --console           # console sign-in URL
 Or open {url}/login in a browser and pick a demo user (no passwords in the dev stack).
 Why a user gets (or not) a role, and the session policy they would get (mints nothing):
-  python3 run.py broker explain --config {state["config_file"]} --provider demo --claims FILE.json
+  python3 run.py broker explain --config {state["config_file"]} --provider demo \\
+      --claims {Path(state["config_file"]).with_name("bob.json")}
 
 Ctrl-C stops everything.
 """

@@ -501,7 +501,9 @@ def snippets(
         ("AWS_SECRET_ACCESS_KEY", c.secret_access_key),
         ("AWS_SESSION_TOKEN", c.session_token),
         # Without a region the AWS CLI and SDKs refuse most calls: name the broker's.
+        # AWS CLI v2 and the JS SDK read AWS_REGION; AWS CLI v1 and boto3 only the other.
         ("AWS_REGION", region),
+        ("AWS_DEFAULT_REGION", region),
     ]
     # The dev stack's STS is moto on localhost: credentials only work against it, so
     # say so in the snippets. Never for a real endpoint (it would redirect every service).
@@ -523,7 +525,8 @@ def snippets(
     if endpoint:
         sh.append(f"export AWS_ENDPOINT_URL={shlex.quote(endpoint)}  # dev stack only")
         ps.append(f"$Env:AWS_ENDPOINT_URL = '{endpoint}'  # dev stack only")
-        profile.append(f"endpoint_url = {endpoint}  # dev stack only")
+        # On a line of its own: botocore keeps an inline comment as part of the value.
+        profile.extend(("# dev stack only", f"endpoint_url = {endpoint}"))
     configure = [
         "broker",
         "configure",

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -128,10 +129,12 @@ def test_broker_explain_reads_the_config_the_dev_stack_wrote(
     dev: tuple[subprocess.Popen[str], Path], tmp_path: Path
 ) -> None:
     state = _state(dev[1])
-    claims = tmp_path / "bob.json"
-    claims.write_text(
-        json.dumps({"sub": "bob", "email": "bob@example.com", "email_verified": True})
-    )
+    # The files the banner names, for this user's eyes only (the config holds dev keys).
+    config = Path(state["config_file"])
+    claims = config.with_name("bob.json")
+    for path in (config, claims):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert json.loads(claims.read_text())["sub"] == "bob"
     done = subprocess.run(
         [
             *(sys.executable, "-m", "broker.cli", "explain", "--config", state["config_file"]),
@@ -165,6 +168,8 @@ def test_ctrl_c_stops_the_whole_stack(dev: tuple[subprocess.Popen[str], Path]) -
     assert process.returncode == 0, output
     assert "stopped; nothing left running." in output
     assert not (workdir / STATE_FILE).exists()
+    assert not (workdir / "broker.toml").exists()  # the dev keys do not outlive the stack
+    assert not [u for u in ("alice", "bob", "carol", "mallory") if (workdir / f"{u}.json").exists()]
     assert not any(_port_open(url) for url in _service_urls(state))
     with pytest.raises(ProcessLookupError):
         os.kill(state["pid"], 0)

@@ -237,3 +237,22 @@ def test_gunicorn_gets_the_worker_tmp_dir_and_no_control_socket() -> None:
     # The installed gunicorn (>= 25.1) has a control socket; it must be off (a write to
     # ~/.gunicorn, shared by every gunicorn of the user).
     assert gunicorn_options("127.0.0.1:0", 1, 1)["control_socket_disable"] is True
+
+
+def test_broker_help_is_plain_text_and_groups_every_command(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text  # no reStructuredText marks
+    intro = text.split("positional arguments:")[0]
+    grouped = {
+        name.strip()
+        for line in intro.splitlines()
+        if ":  " in line
+        for name in line.split(":  ", 1)[1].split("(")[0].split(",")
+    }
+    commands = set(text.split("{", 1)[1].split("}", 1)[0].split(","))
+    assert grouped == commands

@@ -73,3 +73,23 @@ def test_shell_values_are_quoted() -> None:
     line = next(x for x in out["sh"].splitlines() if "SECRET" in x)
     assert shlex.split(line) == ["export", "AWS_SECRET_ACCESS_KEY=a$(rm -rf ~)'b"]
     assert "$Env:AWS_SESSION_TOKEN = 'to''ken'" in out["powershell"]
+
+
+def test_the_profile_has_no_inline_comment() -> None:
+    # botocore reads `key = value  # note` as the value "value  # note" (a broken port in
+    # endpoint_url); only whole-line comments are safe in ~/.aws/config.
+    out = snippets(
+        issued(),
+        region="us-east-1",
+        broker_url="http://127.0.0.1:8000",
+        sts_endpoint="http://127.0.0.1:5000",
+    )
+    for line in out["profile"].splitlines():
+        assert line.startswith("#") or "#" not in line, line
+    assert "endpoint_url = http://127.0.0.1:5000" in out["profile"].splitlines()
+
+
+def test_the_shell_snippets_set_both_region_variables() -> None:
+    out = snippets(issued(), region="eu-west-1", broker_url="https://b.example")
+    assert "export AWS_DEFAULT_REGION=eu-west-1" in out["sh"]
+    assert "$Env:AWS_DEFAULT_REGION = 'eu-west-1'" in out["powershell"]
