@@ -389,8 +389,21 @@ def cmd_configure(args: argparse.Namespace) -> int:
 
     from broker.client.aws_config import config_path, credential_process_line, write_profile
     from broker.client.session import broker_url
+    from broker.limits import ROLE_ARN_RE
 
-    # The broker that is running now, not whichever comes first on PATH.
+    broker = broker_url(args.broker)
+    if not ROLE_ARN_RE.fullmatch(args.role_arn):
+        _say(
+            f"configure: --role-arn {args.role_arn!r} is not a role ARN "
+            "(arn:aws:iam::ACCOUNT:role/NAME)"
+        )
+        return 2
+    session = _signed_in_as(broker)
+    if session is not None and args.role_arn not in session.get("roles", []):
+        allowed = ", ".join(session.get("roles", [])) or "none"
+        _say(f"configure: you may not use {args.role_arn} at {broker}; you may choose: {allowed}")
+        return 2
+    # The running broker is the one the profile calls, not whichever is first on PATH.
     running = os.path.realpath(sys.argv[0])
     if os.path.basename(running).startswith("broker") and os.access(running, os.X_OK):
         executable = running
@@ -399,12 +412,15 @@ def cmd_configure(args: argparse.Namespace) -> int:
     values = {
         "credential_process": credential_process_line(
             executable,
-            broker=broker_url(args.broker),
+            broker=broker,
             role_arn=args.role_arn,
             duration_seconds=args.duration,
         ),
         "region": args.region,
     }
+    endpoint = session.get("sts_endpoint") if session is not None else None
+    if isinstance(endpoint, str):
+        values["endpoint_url"] = endpoint  # the dev stack's STS: what the keys work with
     path = config_path()
     try:
         changed = write_profile(path, profile=args.profile, values=values)
@@ -412,8 +428,25 @@ def cmd_configure(args: argparse.Namespace) -> int:
         _say(f"configure: {exc}")
         return 2
     _say(f"{'wrote' if changed else 'already up to date:'} profile {args.profile!r} in {path}")
+    if session is None:
+        _say(f"not signed in at {broker}: the role is checked when the profile is first used")
     _say(f"try: aws sts get-caller-identity --profile {args.profile}")
     return 0
+
+
+def _signed_in_as(broker: str) -> dict[str, Any] | None:
+    """What the broker says of this terminal's session (its roles, the dev stack's STS),
+    or None when there is none or the broker cannot be asked."""
+    from broker.client.errors import CLIError
+    from broker.client.session import BrokerClient, CLISession
+
+    session = CLISession.load(broker)
+    if session is None:
+        return None
+    try:
+        return BrokerClient(broker).call("GET", "/v1/cli/session", bearer=session.token)
+    except CLIError:
+        return None
 
 
 def cmd_exec(args: argparse.Namespace) -> int:

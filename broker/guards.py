@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+from urllib.parse import urlsplit
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -29,6 +30,12 @@ def same_secret(given: str | None, expected: str) -> bool:
         hashlib.sha256(expected.encode()).digest(),
     )
     return given is not None and matches
+
+
+def local_sts_endpoint(url: str | None) -> str | None:
+    """``url`` when it is an STS on this machine (the dev stack's moto), else None: the
+    one endpoint the broker ever tells the AWS tools to use instead of AWS's."""
+    return url if url and is_loopback_host(urlsplit(url).hostname) else None
 
 
 def is_loopback_host(host: str | None, *, allow_localhost: bool = True) -> bool:

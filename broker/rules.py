@@ -32,7 +32,12 @@ from typing import Any, Literal, NamedTuple
 
 from broker import errors, policy
 from broker.identity import Identity
-from broker.limits import STS_MAX_DURATION, STS_MAX_INLINE_POLICY_CHARS, STS_MIN_DURATION
+from broker.limits import (
+    ROLE_ARN_RE,
+    STS_MAX_DURATION,
+    STS_MAX_INLINE_POLICY_CHARS,
+    STS_MIN_DURATION,
+)
 from broker.policy import claim_text
 from broker.settings import Condition, RuleSettings, StsToken
 
@@ -289,6 +294,12 @@ def decide(
         role = rule.roles[0]
     elif not isinstance(role_arn, str):
         raise errors.BadRequest("role_arn must be a string")
+    elif not ROLE_ARN_RE.fullmatch(role_arn):
+        raise errors.BadRequest(
+            "role_arn is not a role ARN (arn:aws:iam::ACCOUNT:role/NAME); this identity "
+            f"may choose: {', '.join(rule.roles)}",
+            details={"allowed_roles": list(rule.roles)},
+        )
     elif role_arn in rule.roles:
         role = role_arn
     else:

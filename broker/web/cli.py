@@ -46,7 +46,7 @@ from broker.cli_auth import (
     format_user_code,
     normalize_user_code,
 )
-from broker.guards import bearer_token
+from broker.guards import bearer_token, local_sts_endpoint
 from broker.identity import Identity
 from broker.safe_redirect import safe_next
 from broker.services import current_services
@@ -329,6 +329,9 @@ def session_info() -> Response:
             "roles": roles,
             "denied": denied,
             "expires_at": iso_utc(cli_auth().sessions.expires_at(ws)),
+            # Only a local STS (the dev stack's): the AWS tools must be sent there, as
+            # the credentials page's snippets do. A real endpoint is never named.
+            "sts_endpoint": local_sts_endpoint(current_services().settings.sts.endpoint_url),
         }
     )
 

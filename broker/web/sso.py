@@ -30,7 +30,7 @@ import shlex
 from collections.abc import Mapping
 from contextlib import suppress
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 from flask import (
     Blueprint,
@@ -49,7 +49,7 @@ from werkzeug.wrappers import Response
 
 from broker import errors
 from broker.errors import BrokerError
-from broker.guards import is_loopback_host
+from broker.guards import local_sts_endpoint
 from broker.oauth_flow import callback_error
 from broker.safe_redirect import safe_next
 from broker.services import Issued, current_services
@@ -507,9 +507,7 @@ def snippets(
     ]
     # The dev stack's STS is moto on localhost: credentials only work against it, so
     # say so in the snippets. Never for a real endpoint (it would redirect every service).
-    endpoint = (
-        sts_endpoint if sts_endpoint and is_loopback_host(urlsplit(sts_endpoint).hostname) else None
-    )
+    endpoint = local_sts_endpoint(sts_endpoint)
     sh = [f"export {k}={shlex.quote(v)}" for k, v in pairs]
     ps = [f"$Env:{k} = '{v.replace(chr(39), chr(39) * 2)}'" for k, v in pairs]
     profile_name = _profile_name(issued.grant.role_arn)

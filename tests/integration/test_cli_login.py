@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -143,10 +144,15 @@ def test_login_configure_and_the_aws_cli_just_work(
 
     args = ["--broker", cli_broker.url, "--role-arn", ADMIN_ROLE, "--region", "eu-west-1"]
     run(env, "broker", "configure", "--profile", "work", *args)
-    run(env, "broker", "configure", "--profile", "work", *args)  # idempotent
+    printed = run(env, "broker", "configure", "--profile", "work", *args).stderr  # idempotent
     config = Path(env["AWS_CONFIG_FILE"]).read_text()
     assert config.count("[profile work]") == 1
     assert "region = eu-west-1" in config
+    # The dev stack's STS is in the profile, so the line configure prints works as is.
+    assert f"endpoint_url = {cli_broker.stack.moto.url}" in config
+    try_line = next(line for line in printed.splitlines() if line.startswith("try: "))
+    who = json.loads(run(env, *shlex.split(try_line.removeprefix("try: "))).stdout)
+    assert "assumed-role/BrokerDemoAdmin/alice@example.com" in who["Arn"]
 
     who = aws(env, cli_broker, "sts", "get-caller-identity", "--profile", "work")
     assert "assumed-role/BrokerDemoAdmin/alice@example.com" in who["Arn"]
@@ -155,6 +161,23 @@ def test_login_configure_and_the_aws_cli_just_work(
     aws(env, cli_broker, "s3api", "put-object", *bucket, "--key", key)
     listing = aws(env, cli_broker, "s3api", "list-objects-v2", *bucket)
     assert key in {item["Key"] for item in listing["Contents"]}
+
+
+def test_configure_refuses_what_is_not_a_role_or_not_this_persons(
+    cli_broker: LiveBroker, env: dict[str, str]
+) -> None:
+    base = ["broker", "configure", "--profile", "p", "--broker", cli_broker.url]
+    base += ["--region", "us-east-1", "--role-arn"]
+    not_arn = run(env, *base, "BrokerDemoUser", check=False)
+    assert not_arn.returncode == 2
+    assert "'BrokerDemoUser' is not a role ARN" in not_arn.stderr
+    login_loopback(cli_broker, env, user="bob")
+    foreign = run(env, *base, ADMIN_ROLE, check=False)
+    assert foreign.returncode == 2
+    assert f"you may not use {ADMIN_ROLE}" in foreign.stderr
+    assert USER_ROLE in foreign.stderr  # what bob may choose
+    assert not Path(env["AWS_CONFIG_FILE"]).exists()
+    assert "Traceback" not in not_arn.stderr + foreign.stderr
 
 
 def test_credential_process_caches_renews_and_explains(

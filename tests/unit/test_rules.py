@@ -393,11 +393,8 @@ def test_decide_role_choice_allowed(requested: str | None, chosen: str) -> None:
     "requested",
     [
         ADMIN,  # another rule's role
-        DEV.upper(),
         DEV + "/",
-        DEV + " ",
         "arn:aws:iam::999999999999:role/Dev",
-        "",
     ],
 )
 def test_decide_role_choice_refused(requested: str) -> None:
@@ -405,6 +402,17 @@ def test_decide_role_choice_refused(requested: str) -> None:
     with pytest.raises(errors.RoleNotAllowed) as caught:
         decide([admins, rule()], ALICE, role_arn=requested)
     assert caught.value.status == 403
+
+
+@pytest.mark.parametrize(
+    "requested", [DEV.upper(), DEV + " ", DEV + "\n", "", "BrokerDemoUser", "Dev"]
+)
+def test_decide_a_value_that_is_no_role_arn_is_a_bad_request(requested: str) -> None:
+    with pytest.raises(errors.BadRequest) as caught:
+        decide([rule()], ALICE, role_arn=requested)
+    assert caught.value.status == 400
+    assert "is not a role ARN" in caught.value.message
+    assert caught.value.details["allowed_roles"] == [DEV, READ]
 
 
 @pytest.mark.parametrize("requested", [123, [DEV], {"arn": DEV}])
