@@ -70,6 +70,24 @@ def _listener(answer: _Answer, arrived: threading.Event, state: str) -> Threadin
     return ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 
 
+def check_browser_provider(client: BrokerClient, provider: str) -> None:
+    """Refuse at once a provider the broker does not have, or has for apps only, rather
+    than send the person to a page that says so while this terminal waits."""
+    listed = client.call("GET", "/v1/providers").get("providers")
+    known = {p["name"]: p for p in listed or [] if isinstance(p, dict) and "name" in p}
+    browser = sorted(name for name, p in known.items() if p.get("browser_sign_in"))
+    if provider not in known:
+        raise CLIError(
+            f"the broker at {client.url} has no provider {provider!r}; "
+            f"sign in with one of: {', '.join(browser) or 'none'}"
+        )
+    if provider not in browser:
+        raise CLIError(
+            f"provider {provider!r} at {client.url} takes app tokens only (no browser "
+            f"sign-in); sign in with one of: {', '.join(browser) or 'none'}"
+        )
+
+
 def login_loopback(
     client: BrokerClient,
     *,
@@ -78,6 +96,8 @@ def login_loopback(
     say: Callable[[str], None],
     timeout: float = 600.0,
 ) -> CLISession:
+    if provider:
+        check_browser_provider(client, provider)
     verifier, challenge = _pkce_pair()
     answer = _Answer()
     arrived = threading.Event()

@@ -235,6 +235,25 @@ def _duration(value: str | None) -> int | None:
 # ---------------------------------------------------------------------- sign-in
 
 
+@blueprint.get("/v1/providers")
+def providers_json() -> Response:
+    """The configured providers, and which of them a browser can sign in with (the
+    login page's list): what a client checks before sending a person to sign in."""
+    services = current_services()
+    return jsonify(
+        {
+            "providers": [
+                {
+                    "name": name,
+                    "display_name": provider.display_name,
+                    "browser_sign_in": web_sso().flow.browser_ready(name),
+                }
+                for name, provider in services.providers.items()
+            ]
+        }
+    )
+
+
 @blueprint.get("/login")
 def login_page() -> Response:
     services = current_services()

@@ -14,6 +14,7 @@ import secrets
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -161,6 +162,27 @@ def test_login_configure_and_the_aws_cli_just_work(
     aws(env, cli_broker, "s3api", "put-object", *bucket, "--key", key)
     listing = aws(env, cli_broker, "s3api", "list-objects-v2", *bucket)
     assert key in {item["Key"] for item in listing["Contents"]}
+
+
+def test_login_with_an_unknown_provider_fails_at_once(
+    cli_broker: LiveBroker, env: dict[str, str]
+) -> None:
+    cmd = ["broker", "login", "--broker", cli_broker.url, "--no-browser", "--provider"]
+    started = time.monotonic()
+    done = run(env, *cmd, "gogle", check=False)
+    assert done.returncode != 0
+    assert time.monotonic() - started < 30  # not the 600 s wait for a browser
+    assert "has no provider 'gogle'; sign in with one of: demo" in done.stderr
+    assert "/cli/authorize" not in done.stderr  # no address to a page that only refuses
+    assert "Traceback" not in done.stderr
+
+
+def test_the_providers_list_says_which_take_a_browser(cli_broker: LiveBroker) -> None:
+    answer = requests.get(f"{cli_broker.url}/v1/providers", timeout=10)
+    assert answer.status_code == 200
+    listed = {p["name"]: p for p in answer.json()["providers"]}
+    assert listed["demo"]["browser_sign_in"] is True
+    assert set(listed) == set(cli_broker.settings.providers)
 
 
 def test_configure_refuses_what_is_not_a_role_or_not_this_persons(
