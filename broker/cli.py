@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.settings import ConfigError, load_settings
+from broker.settings import ConfigError, RedisSettings, load_settings
 
 
 def _configure_logging(level: str) -> None:
@@ -160,6 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
     _configure_logging(args.log_level)
+    _warn_if_redis_is_down(settings.redis)
     from broker.server import serve  # gunicorn is imported only by the command that runs it
 
     serve(
@@ -171,6 +172,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker_tmp_dir=args.worker_tmp_dir,
     )
     return 0
+
+
+def _warn_if_redis_is_down(redis: RedisSettings) -> None:
+    """Say at start-up when Redis does not answer: the broker still starts (Redis may
+    come up after it), but answers 503 until it does. A TCP connect, no Redis client:
+    the master must not load the store (broker.server explains why)."""
+    import socket
+
+    addresses = redis.addresses()
+    if not addresses:
+        return
+    timeout = min(1.0, redis.socket_timeout_seconds)
+    errors: list[str] = []
+    for address in addresses:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+        except OSError as exc:
+            errors.append(exc.strerror or type(exc).__name__)
+        else:
+            return
+    logging.getLogger("broker.serve").warning(
+        "Redis at %s does not answer (%s): the broker starts, and answers 503 until it does",
+        redis.target(),
+        "; ".join(errors),
+    )
 
 
 # Distributions only the dev extra brings. Looked up with find_spec (no import: moto

@@ -160,6 +160,28 @@ class RedisSettings:
     tls_cert_path: str | None = None
     tls_key_path: str | None = None
 
+    def target(self) -> str:
+        """Where the broker looks for Redis, for messages: never a user or password."""
+        if self.mode == "sentinel":
+            where = ", ".join(f"{host}:{port}" for host, port in self.sentinels)
+            return f"Sentinel service {self.sentinel_service!r} at {where}"
+        parts = urlsplit(self.url)
+        if parts.scheme == "unix":
+            return f"unix:{parts.path}"
+        host = parts.hostname or "localhost"
+        shown = f"[{host}]" if ":" in host else host
+        address = f"{parts.scheme}://{shown}:{parts.port or 6379}{parts.path}"
+        return f"Cluster at {address}" if self.mode == "cluster" else address
+
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        """The TCP addresses to try first (the sentinels, or the URL's host)."""
+        if self.mode == "sentinel":
+            return self.sentinels
+        parts = urlsplit(self.url)
+        if parts.scheme == "unix":
+            return ()
+        return ((parts.hostname or "localhost", parts.port or 6379),)
+
 
 @dataclass(frozen=True, kw_only=True)
 class SecuritySettings:

@@ -64,7 +64,7 @@ def readyz() -> Response:
         redis = "ok"
     except StoreUnavailable as exc:
         down = exc
-        redis = f"unavailable: {exc.message}"
+        redis = f"unavailable at {services.settings.redis.target()}: {exc.message}"
     # Without Redis, no shared copy is read and nothing is fetched: the answer is 503
     # anyway, and every Redis read would wait out the socket timeout.
     states = {

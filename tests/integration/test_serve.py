@@ -217,3 +217,46 @@ def test_the_procfile_command_logs_json_lines_through_a_worker_timeout(
     assert access["status"] == 404
     assert access["method"] == "GET"
     assert "secret-query-value" not in stderr.read_text()
+
+
+def test_broker_serve_without_redis_says_so_and_readyz_names_the_address(
+    stack: Stack, tmp_path: Path
+) -> None:
+    port, dead = free_port(), free_port()  # nothing listens on `dead`
+    url = f"http://127.0.0.1:{port}"
+    config = stack.config(url)
+    config["redis"]["url"] = f"redis://127.0.0.1:{dead}/3"
+    config["redis"]["password"] = "not-for-logs"
+    config_path = tmp_path / "broker.toml"
+    config_path.write_text(dump_toml(config))
+    stderr = tmp_path / "stderr.log"
+    argv = [sys.executable, "-m", "broker.cli", "serve", "--config", str(config_path)]
+    argv += ["--bind", f"127.0.0.1:{port}", "--workers", "1"]
+    with stderr.open("w") as err:
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    ready = requests.get(f"{url}/readyz", timeout=5)
+                    break
+                except (requests.ConnectionError, requests.Timeout):
+                    assert process.poll() is None, stderr.read_text()
+                    assert time.monotonic() < deadline, stderr.read_text()
+                    time.sleep(0.2)
+            assert ready.status_code == 503
+            assert ready.headers["Retry-After"]
+            where = f"redis://127.0.0.1:{dead}/3"
+            assert ready.json()["redis"].startswith(f"unavailable at {where}: ")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+    text = stderr.read_text()
+    assert "not-for-logs" not in text + ready.text
+    warnings = [
+        line
+        for line in json_lines(text)
+        if line["logger"] == "broker.serve" and line["level"] == "warning"
+    ]
+    assert len(warnings) == 1, text
+    assert warnings[0]["message"].startswith(f"Redis at {where} does not answer (")

@@ -794,3 +794,23 @@ def test_the_longest_identity_region_still_makes_policy_safe_identity_ids() -> N
     settings = load(config(lambda c: c.update(identity={"region": "r" * 27})))
     identity_id = IdentityIds(key=b"k" * 32, region=settings.identity.region).derive("p", "s")
     assert _SAFE_IDENTITY_ID_RE.fullmatch(identity_id)
+
+
+@pytest.mark.parametrize(
+    ("redis", "target"),
+    [
+        ({"url": "redis://10.0.0.1:6380/2", "password": "s3cret"}, "redis://10.0.0.1:6380/2"),
+        ({"url": "rediss://cache.example.com/0"}, "rediss://cache.example.com:6379/0"),
+        ({"url": "redis://[::1]:7000/0"}, "redis://[::1]:7000/0"),
+        (
+            {"mode": "cluster", "url": "redis://node-1:7000"},
+            "Cluster at redis://node-1:7000",
+        ),
+    ],
+)
+def test_redis_target_names_the_address_and_never_a_secret(
+    redis: dict[str, Any], target: str
+) -> None:
+    settings = load(config(lambda c: c.update(redis=redis)))
+    assert settings.redis.target() == target
+    assert "s3cret" not in settings.redis.target()
