@@ -25,9 +25,16 @@ from broker.client.session import BrokerAPIError, BrokerClient, CLISession
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 CALLBACK_PATH = "/callback"
+# The last page of the sign-in, served by this terminal's listener: styled like the
+# broker's pages (no stylesheet to fetch from here), phone-sized.
 _DONE_PAGE = (
-    b"<!doctype html><meta charset=utf-8><title>broker login</title>"
-    b"<p>%s You can close this tab and return to your terminal.</p>"
+    b"<!doctype html><html lang=en><meta charset=utf-8>"
+    b'<meta name=viewport content="width=device-width, initial-scale=1">'
+    b"<title>broker login</title><style>"
+    b"body{font:16px/1.5 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;"
+    b"color:#1f2933;background:#fff;max-width:36rem;margin:3rem auto;padding:0 1rem}"
+    b"h1{font-size:1.5rem;margin:0 0 .5rem}p{color:#52606d}"
+    b"</style><h1>%s</h1><p>You can close this tab and return to your terminal.</p>"
 )
 
 

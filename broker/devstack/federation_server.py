@@ -249,6 +249,7 @@ def create_federation_app(state: FederationState) -> Flask:
         )
         page = (
             "<!doctype html><html><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             "<title>AWS console (local stand-in)</title></head><body>"
             "<h1>AWS Management Console (local stand-in)</h1>"
             f"<p>Signed in as <code id='caller'>{escape(record.caller_arn)}</code>.</p>"

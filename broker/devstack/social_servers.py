@@ -294,7 +294,9 @@ class FakeProvider:
             f"<li>{link(u)} ({escape(u.email or 'no e-mail')})</li>" for u in self.users.values()
         )
         return Response(
-            f"<!doctype html><title>{escape(title)}</title><h1>{escape(title)}</h1>"
+            "<!doctype html><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{escape(title)}</title><h1>{escape(title)}</h1>"
             f"<p>Local stand-in: choose a demo user.</p><ul>{items}</ul>",
             content_type="text/html; charset=utf-8",
         )

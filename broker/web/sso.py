@@ -76,6 +76,7 @@ from broker.sts import iso_utc
 from broker.web import console
 from broker.web import errors as json_errors
 from broker.web.api import issued_json, json_body
+from broker.web.pages import error_heading
 from broker.web.security_headers import no_store
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,10 @@ def pages_and_json_errors(bp: Blueprint) -> None:
 pages_and_json_errors(blueprint)
 
 
+# The routes of signing in: an error there is not about the roles page.
+_SIGN_IN_ENDPOINTS = frozenset({"sso.login_start", "sso.callback"})
+
+
 def error_page(status: int, code: str, message: str, *, exc: BrokerError | None = None) -> Response:
     ws: WebSession | None = None
     # The error may be Redis itself: the page renders without a session then, and does
@@ -161,7 +166,9 @@ def error_page(status: int, code: str, message: str, *, exc: BrokerError | None 
             ws=ws,
             status=status,
             code=code,
+            heading=error_heading(status, code),
             message=message,
+            signing_in=request.endpoint in _SIGN_IN_ENDPOINTS,
             sign_in_again=isinstance(exc, errors.ExpiredToken | errors.Unauthenticated),
             provider=provider,
             retry_after=exc.retry_after if exc is not None else None,

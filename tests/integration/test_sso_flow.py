@@ -355,7 +355,10 @@ def test_identity_without_a_rule_sees_why(web: WebClient) -> None:
     assert why in home.text
     r = web.post("/credentials", data={"csrf_token": web.csrf()})
     assert_html_error(r, 403, "no_matching_rule")
-    assert f'<p class="error" id="error-message">{why}</p>' in r.text
+    # The page starts the message with a capital, and heads it with what happened.
+    assert f'<p class="error" id="error-message">{why[:1].upper()}{why[1:]}</p>' in r.text
+    assert "<h1>No AWS access for this account</h1>" in r.text
+    assert "Your roles" in r.text  # signed in, and not signing in: the roles are a way on
 
 
 def test_role_not_allowed_is_a_403_page(web: WebClient) -> None:
@@ -507,7 +510,9 @@ def test_wrong_nonce_is_refused(web: WebClient) -> None:
     callback, _ = _authorize_with(web, web.broker.url, nonce="attacker-chosen-nonce-0123456789")
     r = web.get(callback)
     assert_html_error(r, 401, "invalid_token")
-    assert "wrong nonce" in r.text
+    assert "Wrong nonce" in r.text
+    assert "<h1>The sign-in could not be verified</h1>" in r.text
+    assert "Your roles" not in r.text  # a failed sign-in has no roles to show
     assert web.session_id() is None
 
 
