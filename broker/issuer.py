@@ -81,6 +81,10 @@ TAGS_CLAIM = "https://aws.amazon.com/tags"
 SOURCE_IDENTITY_CLAIM = "https://aws.amazon.com/source_identity"
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 JWKS_PATH = "/.well-known/jwks.json"
+# How much later than asked a rotated-in key starts signing: a JWKS answered from the
+# old ring while the new one is being written, and still on its way, has the full
+# max-age; one Redis write and one HTTP answer take well under this.
+ACTIVATION_MARGIN_SECONDS = 1.0
 
 # How long a verifier may still accept a token after its exp (IAM's clock skew
 # allowance is not documented; a broker's own leeway is the same order of magnitude).
@@ -401,9 +405,11 @@ class Issuer:
         made = self._generate(activates_at=0.0)
         # Counted from after the key generation (an RSA key may take a while), just
         # before the write: a JWKS served meanwhile, without the new key, may be cached
-        # for a full min_publish_ahead, and must expire before the new key signs.
+        # for a full min_publish_ahead, and must expire before the new key signs. The
+        # margin covers the write itself and that answer's way to its verifier.
         now = self._clock()
-        new = replace(made, activates_at=now + max(0.0, ahead))
+        margin = ACTIVATION_MARGIN_SECONDS if ahead > 0 else 0.0
+        new = replace(made, activates_at=now + ahead + margin)
         kept = [
             _retired(k, at=new.activates_at) if k.retired_at is None else k
             for k in self._still_published(ring, now)

@@ -10,23 +10,27 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from werkzeug.serving import make_server
 
 from broker.devstack.federation_server import FederationServer, start_federation_server
 from broker.devstack.moto_server import RoleSpec, seed_aws, start_moto
 from broker.devstack.oidc_server import DEMO_USERS, start_oidc_provider
-from broker.devstack.processes import ManagedProcess, free_port
+from broker.devstack.processes import ManagedProcess
 from broker.devstack.redis_server import start_redis
 from broker.devstack.social_servers import SocialServers, start_social_servers
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 DEV_CLIENT_ID = "broker-demo"
 DEV_PROVIDER = "demo"
@@ -237,12 +241,33 @@ def _write_private(path: Path, text: str) -> Path:
     return path
 
 
-def run_dev(*, port: int, workdir: str) -> int:
+class _LateApp:
+    """A WSGI app given its app after the server that serves it is listening."""
+
+    def __init__(self) -> None:
+        self.app: WSGIApplication | None = None
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        if self.app is None:  # nothing is served before the banner says it is up
+            start_response("503 Service Unavailable", [("Retry-After", "1")])
+            return [b""]
+        return self.app(environ, start_response)
+
+
+def run_dev(*, port: int, workdir: str, keep: bool = False) -> int:
     from broker.app import create_app
     from broker.settings import settings_from_mapping
 
     root = Path(workdir).resolve()
-    port = port or free_port()
+    # This user's alone: the directory holds the dev keys and Redis's files.
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root.chmod(0o700)
+    # Bound now, before the stack starts: with port 0 the OS picks one that stays ours
+    # (a port found free and bound seconds later may be taken meanwhile). The app is
+    # plugged in once the stack it talks to is up.
+    late = _LateApp()
+    server = make_server("127.0.0.1", port, late, threaded=True)
+    port = server.server_port
     broker_url = f"http://127.0.0.1:{port}"
     print("starting the dev stack (Redis, STS, OIDC provider, social, federation) ...", flush=True)
     with local_stack(root / "run") as stack:
@@ -257,8 +282,7 @@ def run_dev(*, port: int, workdir: str) -> int:
             _write_private(root / f"{user['sub']}.json", json.dumps(dict(user)))
             for user in DEMO_USERS
         ]
-        app = create_app(settings)
-        server = make_server("127.0.0.1", port, app, threaded=True)
+        app = late.app = create_app(settings)
         state = {
             "broker_url": broker_url,
             "issuer": stack.oidc.url,
@@ -297,6 +321,11 @@ def run_dev(*, port: int, workdir: str) -> int:
                 path.unlink(missing_ok=True)
             app.extensions["broker"].close()
             print("\nstopping the dev stack ...", flush=True)
+    if not keep:
+        # The processes' files and the dev keys: a new start makes new ones.
+        shutil.rmtree(root / "run", ignore_errors=True)
+        with suppress(OSError):
+            root.rmdir()  # only if nothing else of the user's is in it
     print("stopped; nothing left running.", flush=True)
     return 0
 

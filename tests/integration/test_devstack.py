@@ -132,6 +132,7 @@ def test_broker_explain_reads_the_config_the_dev_stack_wrote(
     # The files the banner names, for this user's eyes only (the config holds dev keys).
     config = Path(state["config_file"])
     claims = config.with_name("bob.json")
+    assert stat.S_IMODE(config.parent.stat().st_mode) == 0o700
     for path in (config, claims):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert json.loads(claims.read_text())["sub"] == "bob"
@@ -169,6 +170,7 @@ def test_ctrl_c_stops_the_whole_stack(dev: tuple[subprocess.Popen[str], Path]) -
     assert "stopped; nothing left running." in output
     assert not (workdir / STATE_FILE).exists()
     assert not (workdir / "broker.toml").exists()  # the dev keys do not outlive the stack
+    assert not (workdir / "run").exists()  # nor do the processes' files (no --keep)
     assert not [u for u in ("alice", "bob", "carol", "mallory") if (workdir / f"{u}.json").exists()]
     assert not any(_port_open(url) for url in _service_urls(state))
     with pytest.raises(ProcessLookupError):

@@ -256,3 +256,18 @@ def test_broker_help_is_plain_text_and_groups_every_command(
     }
     commands = set(text.split("{", 1)[1].split("}", 1)[0].split(","))
     assert grouped == commands
+
+
+def test_every_subcommands_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    commands = top.split("{", 1)[1].split("}", 1)[0].split(",")
+    assert len(commands) > 10
+    for argv in [[c, "--help"] for c in commands] + [["keys", "list", "--help"]]:
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0, argv
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: broker {argv[0]}"), argv
+        assert "``" not in text, argv

@@ -17,6 +17,7 @@ from joserfc.jwk import KeySet
 from broker import rules
 from broker.errors import BadRequest
 from broker.issuer import (
+    ACTIVATION_MARGIN_SECONDS,
     SOURCE_IDENTITY_CLAIM,
     TAGS_CLAIM,
     VERIFIER_LEEWAY_SECONDS,
@@ -126,7 +127,8 @@ def test_two_processes_share_keys_across_a_rotation(store: Store, clock: FakeClo
     assert {k["kid"] for k in second.jwks()["keys"]} == {old_kid, new.kid}
     assert second.signing_key().kid == old_kid
 
-    clock.advance(599)
+    # publish_ahead, and the margin for a JWKS answered while the rotation was written.
+    clock.advance(599 + ACTIVATION_MARGIN_SECONDS)
     before = signed(settings, second)  # the old key's last token, just before the switch
     clock.advance(1)
     assert second.signing_key().kid == new.kid
@@ -156,7 +158,7 @@ def test_rotation_happens_by_itself_after_rotate_after(store: Store, clock: Fake
     states = {s.state for s in issuer.states()}
     assert states == {"current", "next"}
     assert issuer.signing_key().kid == first
-    clock.advance(60)
+    clock.advance(60 + ACTIVATION_MARGIN_SECONDS)
     assert issuer.signing_key().kid != first
 
 

@@ -37,7 +37,12 @@ from joserfc.jwk import KeySet
 
 from broker import errors
 from broker.devstack.processes import ManagedProcess, free_port
-from broker.issuer import VERIFIER_LEEWAY_SECONDS, Issuer, KeyRingUnreadable
+from broker.issuer import (
+    ACTIVATION_MARGIN_SECONDS,
+    VERIFIER_LEEWAY_SECONDS,
+    Issuer,
+    KeyRingUnreadable,
+)
 from broker.settings import Settings
 from broker.store import Sealer, Store
 from tests.unit.issuer_fixtures import ALICE, identity, issuer_config, load
@@ -268,7 +273,7 @@ def test_max_age_shrinks_as_the_next_key_comes_closer(ring: Issuer, clock: FakeC
     assert ring.cache_seconds() == PUBLISH_AHEAD
     ring.rotate(publish_ahead_seconds=3 * PUBLISH_AHEAD)
     assert ring.cache_seconds() == PUBLISH_AHEAD
-    clock.advance(3 * PUBLISH_AHEAD - 40)
+    clock.advance(3 * PUBLISH_AHEAD + ACTIVATION_MARGIN_SECONDS - 40)
     assert ring.cache_seconds() == 40
     clock.advance(40)
     assert ring.cache_seconds() == PUBLISH_AHEAD  # the next key signs now: no next key
