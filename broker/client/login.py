@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from broker.client.errors import CLIError
+from broker.client.errors import CLIError, command
 from broker.client.session import BrokerAPIError, BrokerClient, CLISession
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -180,4 +180,6 @@ def login_device(
                 continue
             raise CLIError(f"sign-in failed: {exc.reason or exc.code}") from None
         return CLISession.from_answer(client.url, token)
-    raise CLIError("the code expired before the sign-in was approved; run broker login again")
+    raise CLIError(
+        f"the code expired before the sign-in was approved; run {command('login')} again"
+    )

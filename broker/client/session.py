@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import requests
 
 from broker.client import files
-from broker.client.errors import CLIError
+from broker.client.errors import CLIError, command
 from broker.guards import is_loopback_host
 
 BROKER_URL_ENV = "BROKER_URL"
@@ -160,7 +160,7 @@ class CLISession:
 
 
 def login_hint(broker: str) -> str:
-    return f"sign in with: broker login --broker {broker}"
+    return f"sign in with: {command('login', '--broker', broker)}"
 
 
 def require_session(broker: str) -> CLISession:

@@ -154,6 +154,14 @@ def test_pip_install_without_extras_gives_a_working_cli(prod_venv: Path, tmp_pat
     assert explained.returncode == 0, explained.stderr
     assert "rule 1 'engineers': MATCH" in explained.stdout
 
+    # Hints name the command as it runs here: `broker`, on PATH, not run.py.
+    home = {"BROKER_CLI_HOME": str(tmp_path / "cli-home")}
+    hint = _run(
+        prod_venv, "broker", "credential-process", "--broker", "https://b.example", env=home
+    )
+    assert hint.returncode == 1
+    assert "sign in with: broker login --broker https://b.example" in hint.stderr
+
     # The stand-ins are not in the wheel: the dev stack is a checkout's.
     site = next((prod_venv / "lib").glob("python3*/site-packages"))
     assert (site / "broker" / "server.py").exists()

@@ -271,3 +271,20 @@ def test_every_subcommands_help_is_plain_text(capsys: pytest.CaptureFixture[str]
         text = capsys.readouterr().out
         assert text.startswith(f"usage: broker {argv[0]}"), argv
         assert "``" not in text, argv
+
+
+def test_hints_name_the_command_as_it_runs_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from broker.client import errors as client_errors
+
+    # This checkout: the virtualenv's broker is not on PATH, run.py is the way in.
+    assert client_errors.command("login", "--broker", "http://127.0.0.1:8000") == (
+        "python3 run.py broker login --broker http://127.0.0.1:8000"
+    )
+    monkeypatch.setattr(client_errors, "_CHECKOUT", tmp_path)  # an installed package
+    assert client_errors.command("login") == "broker login"
+    assert (
+        client_errors.command("login", "--broker", "http://a b")
+        == "broker login --broker 'http://a b'"
+    )
