@@ -259,6 +259,17 @@ def check_page(driver: Any, name: str, axe_source: str) -> None:
         violations = driver.execute_async_script(AXE_SCRIPT)
         serious = [v for v in violations if v["impact"] in SERIOUS]
         assert serious == [], (name, width, serious)
+    # The same page in dark mode, at the desktop width: readable (axe's contrast rules).
+    dark = {"features": [{"name": "prefers-color-scheme", "value": "dark"}]}
+    driver.execute_cdp_cmd("Emulation.setEmulatedMedia", dark)
+    try:
+        _full_page_screenshot(driver, ARTIFACTS / f"{name}-dark.png")
+        driver.execute_script(axe_source)
+        violations = driver.execute_async_script(AXE_SCRIPT)
+        serious = [v for v in violations if v["impact"] in SERIOUS]
+        assert serious == [], (name, "dark", serious)
+    finally:
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
     driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
