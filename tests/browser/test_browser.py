@@ -308,6 +308,14 @@ def test_sign_in_to_credentials_in_chromium(
     assert driver.find_element(By.ID, "error-code").text == "not_found"
     check_page(driver, "not-found", axe_source)
 
+    # A refusal page: what happened as its heading, and the next step that fits.
+    driver.get(f"{broker.url}/login/gogle")
+    assert driver.find_element(By.ID, "error-code").text == "unknown_provider"
+    assert driver.find_element(By.TAG_NAME, "h1").text == "Unknown sign-in provider"
+    message = driver.find_element(By.ID, "error-message").text
+    assert message[:1].isupper(), message
+    check_page(driver, "error-unknown-provider", axe_source)
+
     # 1. The broker's sign-in page lists the provider.
     driver.get(f"{broker.url}/login")
     assert driver.title.startswith("Sign in")
