@@ -63,11 +63,8 @@ def lwa(lwa_server: FakeLoginWithAmazon) -> FakeLoginWithAmazon:
 
 
 @pytest.fixture
-def http() -> Iterator[Http]:
-    # The production retry budget (2 retries), with a short backoff to keep tests quick.
-    client = Http(retries=2, backoff_seconds=0.01)
-    yield client
-    client.close()
+def http(production_http: Http) -> Http:
+    return production_http
 
 
 def amazon_settings(lwa: FakeLoginWithAmazon, **overrides: Any) -> AmazonProviderSettings:

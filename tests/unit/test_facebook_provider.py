@@ -64,10 +64,8 @@ def graph(graph_server: FakeFacebook) -> Iterator[FakeFacebook]:
 
 
 @pytest.fixture
-def http() -> Iterator[Http]:
-    client = Http(retries=2, backoff_seconds=0.01)
-    yield client
-    client.close()
+def http(production_http: Http) -> Http:
+    return production_http
 
 
 def facebook_settings(graph: FakeFacebook, **overrides: Any) -> FacebookProviderSettings:

@@ -7,7 +7,6 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import jwt
@@ -29,25 +28,10 @@ K1 = rsa_key("k1")
 K2 = rsa_key("k2")
 
 
-@pytest.fixture(scope="module")
-def idp_server() -> Iterator[FakeIdP]:
-    server = FakeIdP()
-    yield server
-    server.close()
-
-
 @pytest.fixture
 def idp(idp_server: FakeIdP) -> FakeIdP:
     idp_server.reset(K1)
     return idp_server
-
-
-@pytest.fixture
-def http() -> Iterator[Http]:
-    # No retries: each failure is one request, so request counts are exact.
-    client = Http(retries=0)
-    yield client
-    client.close()
 
 
 def make_cache(

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,24 +55,10 @@ IMPOSTOR = rsa_key("k1", label="impostor")  # same kid, different key pair
 EC_KEY = ec_key("e1")
 
 
-@pytest.fixture(scope="module")
-def idp_server() -> Iterator[FakeIdP]:
-    server = FakeIdP()
-    yield server
-    server.close()
-
-
 @pytest.fixture
 def idp(idp_server: FakeIdP) -> FakeIdP:
     idp_server.reset(KEY)
     return idp_server
-
-
-@pytest.fixture
-def http() -> Iterator[Http]:
-    client = Http(retries=0)
-    yield client
-    client.close()
 
 
 @pytest.fixture

@@ -160,13 +160,6 @@ def server() -> Iterator[Misbehaving]:
     served.close()
 
 
-@pytest.fixture(scope="module")
-def idp_server() -> Iterator[FakeIdP]:
-    served = FakeIdP()
-    yield served
-    served.close()
-
-
 @pytest.fixture
 def idp(idp_server: FakeIdP) -> FakeIdP:
     idp_server.reset(K1)
