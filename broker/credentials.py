@@ -245,7 +245,7 @@ class CredentialService:
         own for the hold's length, never written over an entry that appeared (NX)."""
         hold = max(1, min(exc.retry_after or _BUSY_RETRY_AFTER, FAILURE_HOLD_SECONDS))
         failed = {"message": exc.message, "retry_after": hold}
-        kept = self._still_valid(stale)
+        kept = None if stale is None else self._live(stale.value)
         with suppress(StoreUnavailable):  # the store logs it; the caller gets ``exc``
             if kept is None:
                 self._store.set_sealed(key, {"failed": failed}, ttl=hold, only_if_new=True)
@@ -258,15 +258,15 @@ class CredentialService:
                 expected=stale.sealed,
             )
 
-    def _still_valid(self, entry: Found | None) -> IssuedCredentials | None:
-        """The credentials in an entry read from Redis, if they may still be handed out
-        to someone (whatever time left they need)."""
-        if entry is None or not isinstance(entry.value, dict):
-            return None
+    def _live(self, value: Any) -> IssuedCredentials | None:
+        """The credentials in an entry's value, if they may still be handed out to
+        someone (whatever time left they need); None for anything else."""
         try:
-            issued = _decode(entry.value)
+            issued = _decode(value)
         except (KeyError, TypeError, ValueError):
-            return None
+            return None  # not credentials, or written by an incompatible version
+        # Redis expires entries at the margin already; this guards against clock skew
+        # between broker nodes and Redis.
         return issued if self._remaining(issued) > 0 else None
 
     def _assume(self, identity: Identity, grant: Grant) -> IssuedCredentials:
@@ -356,13 +356,8 @@ class CredentialService:
         failed = value.get("failed") if isinstance(value, dict) else None
         if isinstance(failed, dict) and "access_key_id" not in value:
             raise _held(failed)  # a hold alone: Redis expires it with the hold
-        try:
-            issued = _decode(value)
-        except (KeyError, TypeError, ValueError):
-            return None  # written by an incompatible version: treat as a miss
-        # Redis expires entries at the margin already; this guards against clock skew
-        # between broker nodes and Redis.
-        if self._remaining(issued) <= 0:
+        issued = self._live(value)
+        if issued is None:
             return None
         if not self._lasts(issued, min_left):
             # Too short for this caller; held beside the credentials while it lasts.

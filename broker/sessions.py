@@ -53,7 +53,6 @@ expired token anyway) and a refreshed token is fully verified again.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import re
 import secrets
@@ -67,6 +66,7 @@ from flask import Flask, current_app, g, request
 from werkzeug.wrappers import Response
 
 from broker import errors
+from broker.guards import same_secret
 from broker.identity import Identity, VerifiedClaims, VerifiedToken
 from broker.oauth_flow import OAuthFlow
 from broker.services import Services, current_services
@@ -493,7 +493,7 @@ def require_session_and_csrf(submitted: str | None) -> WebSession:
 
 def check_csrf(ws: WebSession, submitted: str | None) -> None:
     """Refuse a state-changing request whose CSRF token is missing or wrong."""
-    if not submitted or not hmac.compare_digest(submitted.encode(), ws.csrf_token.encode()):
+    if not same_secret(submitted, ws.csrf_token):
         denied = errors.AccessDenied(
             "the request's CSRF token is missing or wrong; reload the page"
         )
